@@ -109,11 +109,11 @@ def label(stages: list[StageSpec], tasks: list[TaskSpec],
     root = Path(out_dir)
     if len(stages) < 2:
         raise ValueError("a cascade needs at least 2 stages")
-    slugs = [resolve(s.model, auto_pull=not summarize_only).slug for s in stages]
-    if summarize_only:
+    if summarize_only:  # needs only the records, not the models
         table = summarize(root)
         print(table)
         return {"table": table}
+    slugs = [resolve(s.model).slug for s in stages]
     backends: dict[int, Any] = {}
 
     def backend(i: int) -> Any:

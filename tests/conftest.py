@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random-weight models (plumbing only) and the repo root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Tests never touch the Hugging Face hub: everything they load ships in packages or the repo.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from toolkit.models.tiny import make_tiny_causal_lm
+
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "tiny-a", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from toolkit.models.tiny import make_tiny_causal_lm
+
+    return make_tiny_causal_lm(tmp_path_factory.mktemp("tiny") / "tiny-b", seed=1, hidden=48)
