@@ -53,7 +53,7 @@ def test_label_writes_every_record_with_its_fields(tmp_path, tiny_lm, tiny_lm_b)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _records(tmp_path / "out")
     assert len(rows) == 2 * N_PROMPTS
-    r = rows[("q3", 0)]
+    r = rows[("prompts/q3", 0)]
     for field in ("output", "correct", "agreement_bleu", "agreement_chrf", "prompt_tokens",
                   "generated_tokens", "stop_reason", "decoding", "backend", "model",
                   "model_sha256", "quantisation", "batch_size", "batch_wall_s", "cost_flops",
@@ -62,7 +62,7 @@ def test_label_writes_every_record_with_its_fields(tmp_path, tiny_lm, tiny_lm_b)
     t = r["tokens"]
     assert len(t["token_ids"]) == r["generated_tokens"] == len(t["entropies"])
     assert len(t["top_logprobs"][0]) == 5
-    assert rows[("q3", 1)]["agreement_bleu"] == 1.0  # the top stage agrees with itself
+    assert rows[("prompts/q3", 1)]["agreement_bleu"] == 1.0  # the top stage agrees with itself
     assert r["cost_flops"] == 2 * r["non_embedding_params"] * (
         r["prompt_tokens"] + r["generated_tokens"])
     skipped = json.loads(next((tmp_path / "out").glob("*/skipped.json")).read_text())
