@@ -97,3 +97,13 @@ def test_context_and_config_errors(backend):
 
 def test_cost_formula():
     assert call_cost(100, 3, 7) == 2 * 100 * 10
+
+
+@pytest.mark.slow
+def test_nf4_real_model_answers():
+    pytest.importorskip("bitsandbytes")
+    b = TransformersBackend("zoo:smollm2-135m-instruct", quantisation="nf4")
+    assert b.info.quantisation == "nf4" and b.info.non_embedding_params == 106_203_456
+    out = b.generate([GenerationRequest("What is the capital of France?")],
+                     DecodingConfig(max_new_tokens=12))[0]
+    assert "Paris" in out.text

@@ -38,7 +38,7 @@ def test_sandbox_stops_loops_and_contains_damage(tmp_path):
     assert not res.passed
     res = run_python("open('big.bin', 'wb').write(b'0' * (64 << 20))\n", timeout_s=3.0)
     assert not res.passed
-    res = run_python("import os\nassert os.getcwd() != %r\n" % str(tmp_path), timeout_s=3.0)
+    res = run_python(f"import os\nassert os.getcwd() != {str(tmp_path)!r}\n", timeout_s=3.0)
     assert res.passed
 
 

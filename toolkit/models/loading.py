@@ -106,11 +106,24 @@ def load_causal_lm(model: ResolvedModel, quantisation: str = "none", dtype: str 
         lm = AutoModelForCausalLM.from_pretrained(model.path, **kwargs)
     except OSError as err:
         raise ModelLoadError(_hub_hint(model, err)) from None
-    counts = zoo.count_parameters(lm)
+    counts = parameter_counts(lm.config)
     if quantisation != "nf4":
         lm = lm.to(device)
     lm.eval()
     return lm, counts
+
+
+def parameter_counts(config: Any) -> dict[str, int]:
+    """Total and non-embedding parameters of an architecture, counted on the meta device.
+
+    Counting the loaded model would be wrong for 4-bit weights (packed two to a byte).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return zoo.count_parameters(skeleton)
 
 
 def _hub_hint(model: ResolvedModel, err: Exception) -> str:
