@@ -103,9 +103,35 @@ def expand_method(args: list[str]) -> list[str]:
     return [out[0], "--config", str(CONFIGS / "test" / f"{method}.yaml"), *out[1:]]
 
 
+def run_dir(subcommand: str, args: list[str]) -> Path:
+    """runs/<subcommand>/<config name>/<UTC timestamp>/ (SPEC §D2)."""
+    import datetime as dt
+
+    configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+    configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+    name = Path(configs[-1]).stem if configs else "default"
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    return REPO / "runs" / subcommand / name / stamp
+
+
 def run_lightning(args: list[str]) -> Any:
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
+
+    class ToolkitCLI(LightningCLI):
+        """Every run writes into its own runs/<subcommand>/<config>/<timestamp>/ folder."""
+
+        def before_instantiate_classes(self) -> None:
+            sub = self.config.get("subcommand")
+            if sub is None:
+                return
+            folder = str(run_dir(sub, args))
+            cfg = self.config[sub]
+            cfg.trainer.default_root_dir = folder
+            if cfg.trainer.get("logger") in (None, True):
+                cfg.trainer.logger = {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": folder, "name": "", "version": ""}}
 
     if args[0] == "test":
         args = expand_method(args)
@@ -114,10 +140,13 @@ def run_lightning(args: list[str]) -> Any:
         if not FIT_DEFAULT.is_file():
             raise UserError(f"no default fit config at {FIT_DEFAULT}; pass --config")
         args = [args[0], "--config", str(FIT_DEFAULT), *args[1:]]
-    return LightningCLI(
+    cli = ToolkitCLI(
         LightningModule, LightningDataModule, subclass_mode_model=True,
         subclass_mode_data=True, args=args, save_config_kwargs={"overwrite": True},
         seed_everything_default=0)
+    if getattr(cli, "trainer", None) is not None:
+        print(f"run directory: {cli.trainer.log_dir}")
+    return cli
 
 
 # ---------------------------------------------------------------------- main

@@ -1,0 +1,115 @@
+"""Stream labelled stage records from JSONL into feature batches (fixed train/val/test split).
+
+The dataset is an ``IterableDataset``: Lightning gives it no sampler, so it splits its own rows
+by (global rank, world size) and by DataLoader worker, and every row is seen by exactly one
+(rank, worker) per epoch. The split of a record is a function of its prompt id
+(``toolkit.common.splits``), so all stages of a prompt stay in one split.
+
+Targets, per record: ``correct`` (ground truth) and ``agreement`` (BLEU with the top stage's
+answer > ``bleu_threshold``, the seed's label). The top stage agrees with itself by
+construction, so its agreement target is masked out (NaN) rather than counted as a free 1.
+"""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from toolkit.cascade.features import FeatureSchema, build_schema, record_features
+from toolkit.common.io import read_jsonl
+
+TARGETS = ("correct", "agreement")
+
+
+def record_files(data_dir: str | Path) -> list[Path]:
+    files = sorted(Path(p) for p in glob.glob(str(Path(data_dir) / "*" / "stage*.jsonl")))
+    if not files:
+        raise FileNotFoundError(f"no stage records (*/stage*.jsonl) under {data_dir}; "
+                                "make them with `python cli.py label`")
+    return files
+
+
+def targets_of(rec: dict[str, Any], top_stage: int, bleu_threshold: float) -> np.ndarray:
+    correct = np.nan if rec.get("correct") is None else float(rec["correct"])
+    agree = np.nan if rec["stage"] == top_stage else float(rec["agreement_bleu"] > bleu_threshold)
+    return np.asarray([correct, agree], dtype=np.float32)
+
+
+class StageRecordStream(IterableDataset):
+    """(features, targets) of every record of one split, sharded by rank and worker."""
+
+    def __init__(self, files: list[Path], split: str, schema: FeatureSchema,
+                 bleu_threshold: float, rank: int = 0, world_size: int = 1) -> None:
+        self.files, self.split, self.schema = files, split, schema
+        self.bleu_threshold, self.rank, self.world_size = bleu_threshold, rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        shard, shards = self.rank * workers + worker, self.world_size * workers
+        i = 0
+        for path in self.files:
+            for rec in read_jsonl(path):
+                if rec["split"] != self.split:
+                    continue
+                if i % shards == shard:
+                    yield (torch.from_numpy(record_features(rec, self.schema)),
+                           torch.from_numpy(targets_of(rec, self.schema.num_stages - 1,
+                                                       self.bleu_threshold)))
+                i += 1
+
+
+class CascadeRecordsDataModule(LightningDataModule):
+    """Feature batches from the labelled cascade records in ``data_dir``.
+
+    Args:
+        data_dir: folder holding ``<task>/stage<i>-<slug>.jsonl`` (from `cli.py label`).
+        schema: feature schema name: topk (default, vLLM-compatible), full or seed.
+        num_stages: stages of the cascade the records come from.
+        bleu_threshold: agreement label = BLEU with the top stage's answer > this (seed: 0.8).
+        batch_size: rows per batch.
+        num_workers: DataLoader workers (each reads its own share of the rows).
+    """
+
+    def __init__(self, data_dir: str = "data/cascade", schema: str = "topk", num_stages: int = 3,
+                 bleu_threshold: float = 0.8, batch_size: int = 256,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.schema = build_schema(schema, num_stages)
+        self.files = record_files(data_dir)
+
+    def _stream(self, split: str) -> StageRecordStream:
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        return StageRecordStream(self.files, split, self.schema, self.hparams.bleu_threshold,
+                                 rank, world)
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(self._stream(split), batch_size=self.hparams.batch_size,
+                          num_workers=self.hparams.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """All (features, targets) of a split in memory (for statistics and checks)."""
+        stream = StageRecordStream(self.files, split, self.schema, self.hparams.bleu_threshold)
+        rows = list(stream)
+        if not rows:
+            raise ValueError(f"no {split} records under {self.hparams.data_dir}")
+        return (torch.stack([r[0] for r in rows]).numpy(),
+                torch.stack([r[1] for r in rows]).numpy())
