@@ -1,0 +1,120 @@
+"""The stopping rule: exact on calibration data (brute force), budgets, the seed's rule."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from toolkit.cascade.stopping import (
+    calibrate_lambda,
+    evaluate,
+    fit_policy,
+    optimal_stopping_rule,
+    threshold_policy,
+)
+
+
+def _instance(seed: int, n: int = 14, L: int = 3):
+    rng = np.random.default_rng(seed)
+    skill = rng.normal(size=n)  # correlated stages: an easy prompt is easy for every stage
+    P = 1 / (1 + np.exp(-(skill[:, None] + rng.normal(scale=0.7, size=(n, L)) + np.arange(L))))
+    Y = (rng.random((n, L)) < P).astype(float)
+    C = np.array([0.1, 0.35, 1.0]) * rng.uniform(0.7, 1.3, size=(n, L))
+    return P, Y, C
+
+
+def _brute_force(P, Y, C, lam, edges):
+    """Evaluate every deterministic history-dependent policy; return the best mean value."""
+    n, L = P.shape
+    bins = np.stack([np.searchsorted(edges[k], P[:, k], side="right") for k in range(L)], 1)
+
+    def trace(i, entry, rule):
+        k, hist, cost = entry, (), 0.0
+        while True:
+            cost += C[i, k]
+            hist = (*hist, (k, int(bins[i, k])))
+            act = "stop" if k == L - 1 else rule[hist]
+            if act == "stop":
+                return cost + lam * (1 - Y[i, k])
+            k = act
+
+    # Every history any prompt can reach, with its possible actions.
+    states = {}
+    for i in range(n):
+        for entry in range(L):
+            for path in itertools.product(*[range(L)] * (L - 1)):
+                k, hist = entry, ()
+                for nxt in path:
+                    hist = (*hist, (k, int(bins[i, k])))
+                    if k == L - 1:
+                        break
+                    states[hist] = ["stop", *range(k + 1, L)]
+                    if nxt <= k:
+                        break
+                    k = nxt
+    keys = sorted(states)
+    best = np.inf
+    for entry in range(L):
+        for choice in itertools.product(*[states[s] for s in keys]):
+            rule = dict(zip(keys, choice))
+            best = min(best, np.mean([trace(i, entry, rule) for i in range(n)]))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("lam", [0.3, 1.0, 4.0])
+def test_backward_induction_matches_brute_force(seed, lam):
+    P, Y, C = _instance(seed, n=10)
+    pol = fit_policy(P, Y, C, lam, n_bins=2)
+    ev = evaluate(pol, P, Y, C)
+    realised = np.mean(ev["cost"] + lam * (1 - ev["correct"]))
+    assert realised == pytest.approx(pol.expected_value, abs=1e-9)
+    assert pol.expected_value == pytest.approx(_brute_force(P, Y, C, lam, pol.bin_edges),
+                                               abs=1e-9)
+
+
+def test_lambda_moves_the_tradeoff_and_budget_is_met():
+    P, Y, C = _instance(11, n=300)
+    costs, accs = [], []
+    for lam in (0.05, 0.3, 1, 3, 10):
+        ev = evaluate(fit_policy(P, Y, C, lam), P, Y, C)
+        costs.append(ev["cost"].mean())
+        accs.append(ev["correct"].mean())
+    assert costs == sorted(costs) and costs[-1] > costs[0]
+    assert accs[-1] > accs[0]
+    pol, info = calibrate_lambda(P, Y, C, budget=0.6)
+    assert info["met"] and evaluate(pol, P, Y, C)["cost"].mean() <= 0.6 + 1e-12
+    _, info = calibrate_lambda(P, Y, C, budget=0.01)  # cheaper than any policy can be
+    assert not info["met"] and "no lambda" in info["reason"]
+    _, info = calibrate_lambda(P, Y, C, budget=0.2, metric="top_fraction")
+    assert info["met"]
+
+
+def test_useless_first_stage_is_skipped():
+    P, Y, C = _instance(3, n=200)
+    Y[:, 0] = 0.0  # stage 0 is never right (like SmolLM2 here) but costs something
+    P[:, 0] = np.random.default_rng(0).uniform(0, 1, 200)
+    pol = fit_policy(P, Y, C, lam=1.0)
+    assert pol.first_stage() > 0
+
+
+def test_risk_prior_and_bad_input():
+    P, Y, C = _instance(5, n=60)
+    plain = fit_policy(P, Y, C, 1.0)
+    shrunk = fit_policy(P, Y, C, 1.0, risk_prior=(2.0, 2.0))
+    assert any(plain.decisions[h].stop_value != shrunk.decisions[h].stop_value
+               for h in plain.decisions if h in shrunk.decisions)
+    with pytest.raises(ValueError, match="lambda must be a positive"):
+        fit_policy(P, Y, C, 0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_policy(np.full_like(P, np.nan), Y, C, 1.0)
+    with pytest.raises(ValueError, match="no calibration prompts"):
+        fit_policy(P[:0], Y[:0], C[:0], 1.0)
+
+
+def test_seed_rule_never_escalates_and_threshold_policy():
+    assert optimal_stopping_rule([0.3, 0.5, 0.7, 0.9], [1, 1.6, 4.2, 8.8], 1.0) == 0
+    P = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.5], [0.1, 0.1, 0.5]])
+    assert threshold_policy(P, [0.5, 0.5]).tolist() == [0, 1, 2]

@@ -1,0 +1,266 @@
+"""When to stop the cascade: optimal stopping by backward induction on calibration data.
+
+What is known when. Before any stage runs, only the prompt is known (its *group*, e.g. its
+task: a prompt-only feature). After stage k runs, its answer's predicted acceptance p_k is
+known, and so are the p's of the stages already run. Nothing about later stages is known:
+their value is an expectation over calibration prompts that looked the same so far.
+
+"Looked the same" = the same *history*: the stages run so far and the bin of each one's p
+(bins are quantiles of p on the calibration data). Stage answers are correlated (a prompt that
+beats the 0.5B model often beats the 1.5B one too), so conditioning on the history, not only on
+the current p, matters.
+
+The objective, per prompt: total cost of the stages run + λ · (1 − correct(returned answer)),
+costs in units of one top-stage call (so λ = 1 means "a wrong answer is as bad as one extra
+top-stage call"). The policy is solved exactly on the empirical calibration distribution by
+dynamic programming from the last stage back (backward induction):
+
+    value(after stage k, history h) = min( λ · (1 − acc(h)),                      stop
+                                           min_{j > k} E_h[c_j + value(after j)] )  go to j
+
+and a pre-generation *entry* decision per prompt group picks the first stage to run, so a
+stage that is rarely worth its cost (SmolLM2 on these tasks) is skipped. With L stages a
+decision is a table lookup along at most L states (O(L)). ``acc(h)`` can be shrunk toward a
+prior mean with a Beta(α0, β0) prior (the seed's risk adjustment), which matters for histories
+with few calibration prompts.
+
+The seed's own rule is kept as ``optimal_stopping_rule`` for comparison; see SPEC §A for why it
+never escalates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+History = tuple[tuple[int, int], ...]  # ((stage, bin of its p), ...)
+
+
+def optimal_stopping_rule(p: list[float], C: list[float], lam: float) -> int:
+    """The seed's rule, verbatim in spirit: J_i = min(c_i + λ(1 − p̄_i), c_i + J_{i+1}).
+
+    Kept only for comparison. p̄_i = Π_{j≤i} p_j can only fall with i, so under this objective
+    escalating never pays and it stops at the first stage (SPEC §A).
+    """
+    L = len(p)
+    pbar = np.cumprod(p)
+    J = np.zeros(L + 1)
+    J[L - 1] = C[L - 1] + lam * (1 - pbar[L - 1])
+    stop_at = L - 1
+    for i in range(L - 2, -1, -1):
+        stop, go = C[i] + lam * (1 - pbar[i]), C[i] + J[i + 1]
+        J[i] = min(stop, go)
+    for i in range(L):
+        if C[i] + lam * (1 - pbar[i]) <= C[i] + J[i + 1] or i == L - 1:
+            stop_at = i
+            break
+    return stop_at
+
+
+@dataclass
+class Decision:
+    action: str  # "stop" | "go"
+    next_stage: int | None
+    stop_value: float
+    go_value: float
+    support: int  # calibration prompts behind this decision
+
+
+@dataclass
+class StoppingPolicy:
+    """A fitted policy: entry stage per prompt group, and a decision per history.
+
+    Fit with ``fit_policy``. ``bin_edges[k]`` are the inner quantile edges of stage k's p.
+    """
+
+    lam: float
+    bin_edges: list[np.ndarray]
+    entry: dict[str, int]
+    decisions: dict[History, Decision]
+    stage_fallback: dict[int, Decision]
+    risk_prior: tuple[float, float] | None = None
+    expected_value: float = float("nan")
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.bin_edges)
+
+    def bin_of(self, stage: int, p: float) -> int:
+        return int(np.searchsorted(self.bin_edges[stage], p, side="right"))
+
+    def first_stage(self, group: str = "") -> int:
+        return self.entry.get(group, self.entry.get("", 0))
+
+    def decide(self, stage: int, history: History) -> Decision:
+        """What to do after ``stage`` ran; ``history`` already includes (stage, its bin)."""
+        if stage == self.num_stages - 1:
+            return Decision("stop", None, float("nan"), float("inf"), 0)
+        return self.decisions.get(history) or self.stage_fallback[stage]
+
+    def run(self, p: np.ndarray, group: str = "") -> tuple[int, list[int]]:
+        """Replay one prompt: p[k] = predicted acceptance of stage k's answer (computed lazily
+        by the caller in live mode). Returns (answering stage, stages run)."""
+        k, hist, ran = self.first_stage(group), (), []
+        while True:
+            ran.append(k)
+            hist = (*hist, (k, self.bin_of(k, float(p[k]))))
+            d = self.decide(k, hist)
+            if d.action == "stop":
+                return k, ran
+            k = d.next_stage
+
+
+def _adjusted_acc(y: np.ndarray, prior: tuple[float, float] | None) -> float:
+    """The seed's Beta-prior shrinkage (n·ȳ + α0)/(n + α0 + β0); plain ȳ without a prior.
+
+    n is the number of calibration prompts behind the estimate, so histories with little
+    evidence are pulled toward the prior mean α0/(α0 + β0) and the policy acts more cautiously.
+    """
+    if prior is None:
+        return float(y.mean())
+    a0, b0 = prior
+    return float((y.sum() + a0) / (len(y) + a0 + b0))
+
+
+def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: int = 3,
+               groups: np.ndarray | None = None, risk_prior: tuple[float, float] | None = None,
+               allow_skip: bool = True) -> StoppingPolicy:
+    """Solve the stopping policy on calibration prompts.
+
+    Args:
+        P: [N, L] predicted acceptance of each stage's answer for each prompt.
+        Y: [N, L] actual acceptance (1 correct / 0 wrong) of each stage's answer.
+        C: [N, L] cost of running each stage on each prompt (top-stage-call units).
+        lam: λ > 0, the price of a wrong answer in cost units.
+        n_bins: quantile bins of each stage's p.
+        groups: [N] prompt-only group of each prompt (entry decision per group).
+        risk_prior: (α0, β0) Beta prior for the accuracies of histories, or None.
+        allow_skip: let the entry decision skip leading stages.
+    """
+    if lam <= 0 or not np.isfinite(lam):
+        raise ValueError(f"lambda must be a positive number, got {lam}")
+    P, Y, C = (np.asarray(a, dtype=np.float64) for a in (P, Y, C))
+    N, L = P.shape
+    if N == 0:
+        raise ValueError("no calibration prompts to fit the stopping policy on")
+    if not (np.isfinite(P).all() and np.isfinite(Y).all() and np.isfinite(C).all()):
+        raise ValueError("calibration arrays contain NaN or inf")
+    edges = [np.unique(np.quantile(P[:, k], np.linspace(0, 1, n_bins + 1)[1:-1]))
+             for k in range(L)]
+    bins = np.stack([np.searchsorted(edges[k], P[:, k], side="right") for k in range(L)], 1)
+    decisions: dict[History, Decision] = {}
+    # Per stage: (sum of chosen values, count, votes for each action) for the fallback.
+    fallback_stats: dict[int, list[tuple[str, int | None, float, float, int]]] = {}
+
+    def after(k: int, hist: History, idx: np.ndarray) -> np.ndarray:
+        """Realised value of each prompt in idx after stage k ran, under the optimal policy."""
+        stop_real = lam * (1.0 - Y[idx, k])
+        if k == L - 1:
+            return stop_real
+        stop_val = lam * (1.0 - _adjusted_acc(Y[idx, k], risk_prior))
+        best = ("stop", None, stop_val, stop_real)
+        best_go = float("inf")
+        for j in range(k + 1, L):
+            real = C[idx, j] + run(j, hist, idx)
+            val = float(real.mean())
+            best_go = min(best_go, val)
+            if val < best[2]:
+                best = ("go", j, val, real)
+        decisions[hist] = Decision(best[0], best[1], stop_val, best_go, len(idx))
+        fallback_stats.setdefault(k, []).append((best[0], best[1], stop_val, best_go, len(idx)))
+        return best[3]
+
+    def run(k: int, hist: History, idx: np.ndarray) -> np.ndarray:
+        out = np.empty(len(idx))
+        for b in np.unique(bins[idx, k]):
+            sel = bins[idx, k] == b
+            out[sel] = after(k, (*hist, (k, int(b))), idx[sel])
+        return out
+
+    groups = np.asarray([""] * N if groups is None else groups)
+    entry: dict[str, int] = {}
+    total = 0.0
+    for g in np.unique(groups):
+        idx = np.flatnonzero(groups == g)
+        starts = range(L) if allow_skip else range(1)
+        values = {s: float((C[idx, s] + run(s, (), idx)).sum()) for s in starts}
+        entry[str(g)] = min(values, key=values.get)
+        total += values[entry[str(g)]]
+    # Fallback for histories never seen in calibration: the support-weighted average choice.
+    stage_fallback = {}
+    for k, rows in fallback_stats.items():
+        n = sum(r[4] for r in rows)
+        stop_v = sum(r[2] * r[4] for r in rows) / n
+        go_v = sum(r[3] * r[4] for r in rows) / n
+        targets = [r[1] for r in rows if r[1] is not None]
+        nxt = max(set(targets), key=targets.count) if targets else k + 1
+        stage_fallback[k] = Decision("stop" if stop_v <= go_v else "go",
+                                     None if stop_v <= go_v else nxt, stop_v, go_v, n)
+    for k in range(L - 1):
+        stage_fallback.setdefault(k, Decision("go", k + 1, float("nan"), float("nan"), 0))
+    return StoppingPolicy(lam, edges, entry, decisions, stage_fallback, risk_prior, total / N)
+
+
+def evaluate(policy: StoppingPolicy, P: np.ndarray, Y: np.ndarray, C: np.ndarray,
+             groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Replay a policy on prompts: answering stage, cost paid, correctness, per prompt."""
+    N = len(P)
+    groups = np.asarray([""] * N if groups is None else groups)
+    stop, cost, correct = np.empty(N, int), np.empty(N), np.empty(N)
+    for i in range(N):
+        k, ran = policy.run(P[i], str(groups[i]))
+        stop[i], cost[i], correct[i] = k, C[i, ran].sum(), Y[i, k]
+    return {"stage": stop, "cost": cost, "correct": correct}
+
+
+def calibrate_lambda(P: np.ndarray, Y: np.ndarray, C: np.ndarray, budget: float,
+                     metric: str = "cost", groups: np.ndarray | None = None,
+                     lo: float = 1e-3, hi: float = 1e3, iters: int = 40,
+                     **fit_kwargs: Any) -> tuple[StoppingPolicy, dict[str, Any]]:
+    """Largest λ (best quality) whose policy keeps the mean ``metric`` ≤ ``budget``.
+
+    ``metric`` is ``cost`` (mean cost per prompt, top-stage units) or ``top_fraction`` (share
+    of prompts that reach the top stage). Larger λ escalates more, so both grow with λ;
+    bisection on log λ. If even the smallest λ breaks the budget, the cheapest policy is
+    returned with ``met: False`` (a reported best effort, not an error).
+    """
+    def measure(lam: float) -> tuple[StoppingPolicy, float]:
+        pol = fit_policy(P, Y, C, lam, groups=groups, **fit_kwargs)
+        ev = evaluate(pol, P, Y, C, groups)
+        top = P.shape[1] - 1
+        m = ev["cost"].mean() if metric == "cost" else float((ev["stage"] == top).mean())
+        return pol, float(m)
+
+    if metric not in ("cost", "top_fraction"):
+        raise ValueError(f"metric must be cost or top_fraction, got {metric!r}")
+    pol_lo, m_lo = measure(lo)
+    if m_lo > budget:
+        return pol_lo, {"lambda": lo, "value": m_lo, "met": False,
+                        "reason": f"no lambda >= {lo:g} meets {metric} <= {budget:g}"}
+    pol_hi, m_hi = measure(hi)
+    if m_hi <= budget:
+        return pol_hi, {"lambda": hi, "value": m_hi, "met": True}
+    a, b, best = np.log(lo), np.log(hi), (pol_lo, lo, m_lo)
+    for _ in range(iters):
+        mid = (a + b) / 2
+        pol, m = measure(float(np.exp(mid)))
+        if m <= budget:
+            a, best = mid, (pol, float(np.exp(mid)), m)
+        else:
+            b = mid
+    return best[0], {"lambda": best[1], "value": best[2], "met": True}
+
+
+def threshold_policy(P: np.ndarray, thresholds: list[float]) -> np.ndarray:
+    """FrugalGPT-style: answer at the first stage whose p ≥ its threshold (top stage last)."""
+    N, L = P.shape
+    stop = np.full(N, L - 1)
+    decided = np.zeros(N, bool)
+    for k in range(L - 1):
+        hit = ~decided & (P[:, k] >= thresholds[k])
+        stop[hit] = k
+        decided |= hit
+    return stop
