@@ -31,6 +31,19 @@ def test_batched_equals_single_and_plain_generate(backend):
         assert out.token_ids.tolist() == ref[0, ids.shape[1]:].tolist()[: out.generated_tokens]
 
 
+def test_continuous_batching_refill_matches_single_runs(backend):
+    """6 prompts through 2 slots with uneven budgets: rows leave and queued prompts join."""
+    prompts = PROMPTS + ["Write a haiku about the sea.", "0 1 2 3"]
+    reqs = [GenerationRequest(p, max_new_tokens=3 + 4 * (i % 3)) for i, p in enumerate(prompts)]
+    cfg = DecodingConfig(max_new_tokens=16)
+    together = backend.generate(reqs, cfg, batch_size=2)
+    for r, out in zip(reqs, together):
+        single = backend.generate([r], cfg, batch_size=1)[0]
+        assert out.generated_tokens == r.max_new_tokens or out.stop_reason == "eos"
+        assert out.token_ids.tolist() == single.token_ids.tolist()
+        np.testing.assert_allclose(out.entropies, single.entropies, atol=1e-4)
+
+
 def test_token_stats_match_full_distribution(backend):
     cfg = DecodingConfig(max_new_tokens=5)
     out = backend.generate([GenerationRequest(PROMPTS[1])], cfg)[0]

@@ -84,7 +84,7 @@ def _record(ex: Any, task: str, stage: int, backend: Any, out: Any, correct: Any
 
 def label(stages: list[StageSpec], tasks: list[TaskSpec],
           decoding: DecodingConfig | None = None, out_dir: str = "data/cascade",
-          batch_size: int = 16, limit: int | None = None, threads: int | None = None,
+          batch_size: int = 16, chunk_size: int = 48, limit: int | None = None, threads: int | None = None,
           device: str = "cpu", summarize_only: bool = False) -> dict[str, Any]:
     """Label prompts with every stage of a cascade (resumable; see the module docstring).
 
@@ -93,7 +93,10 @@ def label(stages: list[StageSpec], tasks: list[TaskSpec],
         tasks: benchmark tasks whose prompts are labelled.
         decoding: decoding settings (greedy by default, as the live cascade and server use).
         out_dir: where the per-(task, stage) JSONL files go.
-        batch_size: prompts per batch (and per chunk: each stage runs one batch per chunk).
+        batch_size: sequences decoding together (continuous batching: a finished answer's slot
+            goes to the next prompt of the chunk at once).
+        chunk_size: prompts per chunk; each stage runs a chunk in one call and appends its
+            records in one write, so a kill loses at most one chunk of one stage.
         limit: label only the first N prompts of each task (0/None = all).
         threads: torch CPU threads (None = torch's default).
         device: cpu or cuda.
@@ -129,7 +132,7 @@ def label(stages: list[StageSpec], tasks: list[TaskSpec],
     todo = sum(j.todo() for j in jobs)
     bar = tqdm(total=todo, desc="label", unit="rec", file=sys.stderr)
     # Chunks of the tasks take turns, so a run stopped early still covers every task.
-    for chunks in itertools.zip_longest(*(j.chunks(batch_size) for j in jobs)):
+    for chunks in itertools.zip_longest(*(j.chunks(chunk_size) for j in jobs)):
         for job, chunk in zip(jobs, chunks):
             if chunk is None:
                 continue
@@ -193,7 +196,7 @@ class _TaskJob:
         if i == self.top:
             self.top_text.update({e.id: o.text for e, o in zip(fits, outs)})
         rows = [_record(e, self.task.name, i, b, o, sc, self.top_text.get(e.id, ""),
-                        self.decoding, self.next_batch, len(fits), wall, device)
+                        self.decoding, self.next_batch, batch_size, wall, device)
                 for e, o, sc in zip(fits, outs, scores)]
         self.next_batch += 1
         self.writers[i].append(rows)

@@ -12,7 +12,8 @@ from decimal import Decimal, InvalidOperation
 
 from toolkit.tasks.base import Example, SkippedRow, Task, TaskError, jsonable
 
-INSTRUCTION = ("\n\nReason step by step, then end your reply with a line of the form "
+# Kept word for word: labelled data (data/cascade) was produced with this instruction.
+INSTRUCTION = ("\n\nReason step by step, then give the final answer on its own last line as "
                "'Answer: <number>'.")
 # A number: optional sign and dollar sign, digits with or without thousands commas, decimals.
 # The look-behind keeps "3-4" from reading as minus four and "x2" from reading as two.

@@ -17,9 +17,11 @@ from typing import Any
 from toolkit.tasks.base import Example, Task, TaskError, check_same_length
 from toolkit.tasks.sandbox import ExecutionResult, run_python
 
+# Kept word for word: labelled data (data/cascade) was produced with this prompt, and a resumed
+# run must ask the same question.
 PROMPT = (
-    "Complete the following Python function.\n\n```python\n{code}```\n\n"
-    "Return the full function, with any imports it needs, in a single ```python code block."
+    "Complete the following Python function. Return the whole function, with any imports it "
+    "needs, in a single ```python code block.\n\n```python\n{code}```"
 )
 # An opening fence with an optional language tag, then everything up to a closing fence at the
 # start of a line or, for an answer cut off by the token limit, to the end of the text.

@@ -151,7 +151,7 @@ class LocalTask(Task):
                 good.append((where, row, prompt))
         ids = self._ids(good, id_field, id_given)
         self._examples: list[Example] = []
-        for (where, row, prompt), rid in zip(good, ids):
+        for (_, row, prompt), rid in zip(good, ids):
             if rid is None:
                 continue  # recorded in skipped by _ids
             ref = row.get(reference_field) if reference_field else None
