@@ -24,3 +24,11 @@ def test_quick_start_pins_torch_first():
     for cmd in _bash_blocks((REPO / "README.md").read_text())[:2]:
         assert "torch==2.13.0" in cmd and "install -q -e" in cmd or "install -e" in cmd
         assert cmd.index("torch==2.13.0") < cmd.index("-e '.[cpu,test]'")
+
+
+def test_data_card_table_matches_the_records():
+    from toolkit.cascade.labelling import summarize
+
+    card = (REPO / "data" / "cascade" / "README.md").read_text()
+    table = card.split("<!-- table:begin -->")[1].split("<!-- table:end -->")[0].strip()
+    assert table == summarize(REPO / "data" / "cascade").strip()

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit.common.io import JsonlAppender, atomic_write_json
+from toolkit.common.io import JsonlAppender, atomic_write_json, atomic_write_text
 from toolkit.common.splits import split_of
 from toolkit.generation.base import DecodingConfig, GenerationRequest, call_cost
 
@@ -85,7 +85,8 @@ def _record(ex: Any, task: str, stage: int, backend: Any, out: Any, correct: Any
 def label(stages: list[StageSpec], tasks: list[TaskSpec],
           decoding: DecodingConfig | None = None, out_dir: str = "data/cascade",
           batch_size: int = 16, chunk_size: int = 48, limit: int | None = None, threads: int | None = None,
-          device: str = "cpu", summarize_only: bool = False) -> dict[str, Any]:
+          device: str = "cpu", summarize_only: bool = False,
+          card: str | None = None) -> dict[str, Any]:
     """Label prompts with every stage of a cascade (resumable; see the module docstring).
 
     Args:
@@ -101,6 +102,8 @@ def label(stages: list[StageSpec], tasks: list[TaskSpec],
         threads: torch CPU threads (None = torch's default).
         device: cpu or cuda.
         summarize_only: print the accuracy/throughput table of existing records and stop.
+        card: a data card (markdown) whose table between `<!-- table:begin -->` and
+            `<!-- table:end -->` is rewritten from the records at the end.
     """
     from tqdm import tqdm
 
@@ -115,6 +118,8 @@ def label(stages: list[StageSpec], tasks: list[TaskSpec],
     if summarize_only:  # needs only the records, not the models
         table = summarize(root)
         print(table)
+        if card:
+            update_card(card, table)
         return {"table": table}
     slugs = [resolve(s.model).slug for s in stages]
     backends: dict[int, Any] = {}
@@ -145,8 +150,20 @@ def label(stages: list[StageSpec], tasks: list[TaskSpec],
                                           "skipped": len(job.skipped)}
     table = summarize(root)
     print(table)
+    if card:
+        update_card(card, table)
     report["table"] = table
     return report
+
+
+def update_card(card: str | Path, table: str) -> None:
+    """Replace the table between the card's markers (atomically)."""
+    text = Path(card).read_text()
+    if "<!-- table:begin -->" not in text or "<!-- table:end -->" not in text:
+        raise ValueError(f"{card} has no <!-- table:begin --> / <!-- table:end --> markers")
+    head, rest = text.split("<!-- table:begin -->", 1)
+    tail = rest.split("<!-- table:end -->", 1)[1]
+    atomic_write_text(card, f"{head}<!-- table:begin -->\n{table}\n<!-- table:end -->{tail}")
 
 
 class _TaskJob:

@@ -1,0 +1,40 @@
+"""Diffusion-LLM decoding: a LLaDA-compatible model, one decoding loop, pluggable policies.
+
+* :mod:`.llada_model`: :class:`LLaDAModelLM` (loads GSAI-ML LLaDA checkpoints strictly), with
+  prefix and dual KV caches.
+* :mod:`.decoding`: :func:`decode` (batching, early stop at EOS, accounting) and
+  :func:`compare`.
+* :mod:`.policies`: ``llada`` (reference), ``fastdllm`` (threshold/factor, prefix/dual cache)
+  and ``adaptive`` (the seed's self-correcting scheduler, with :data:`PRESETS`).
+* :mod:`.seed_api`: the seed's function and class names over the same loop.
+"""
+
+from toolkit.dllm.decoding import DecodeResult, compare, decode
+from toolkit.dllm.llada_model import KVCache, LLaDAConfig, LLaDAModelLM, LLaDAOutput
+from toolkit.dllm.policies import (
+    POLICIES,
+    PRESETS,
+    AdaptivePolicy,
+    FastDLLMPolicy,
+    LLaDAPolicy,
+    Plan,
+    Policy,
+    RowState,
+    make_policy,
+)
+from toolkit.dllm.seed_api import (
+    AdaptiveInferenceScheduler,
+    TieredCacheManager,
+    compare_generation_methods,
+    generate_adaptive,
+    generate_with_adaptive_scheduling,
+    generate_with_custom_scheduler,
+)
+
+__all__ = [
+    "POLICIES", "PRESETS", "AdaptiveInferenceScheduler", "AdaptivePolicy", "DecodeResult",
+    "FastDLLMPolicy", "KVCache", "LLaDAConfig", "LLaDAModelLM", "LLaDAOutput", "LLaDAPolicy",
+    "Plan", "Policy", "RowState", "TieredCacheManager", "compare", "compare_generation_methods",
+    "decode", "generate_adaptive", "generate_with_adaptive_scheduling",
+    "generate_with_custom_scheduler", "make_policy",
+]

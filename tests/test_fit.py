@@ -1,0 +1,76 @@
+"""`python cli.py fit` for real on the shipped records: checkpoint, ONNX, TensorBoard, config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def fit_run(tmp_path_factory):
+    proc = subprocess.run([sys.executable, "cli.py", "fit", "--trainer.max_epochs", "3"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("run directory: ")][-1]
+    from pathlib import Path
+
+    return Path(line.split(": ", 1)[1].strip())
+
+
+def test_fit_writes_checkpoint_onnx_tensorboard(fit_run):
+    run = fit_run
+    assert run.is_relative_to(REPO / "runs" / "fit" / "fit")
+    assert (run / "config.yaml").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+    ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
+    assert any(p.name == "last.ckpt" for p in ckpts) and any("best" in p.name for p in ckpts)
+    report = json.loads((run / "checkpoints" / "onnx_export.json").read_text())
+    assert report["parity_max_abs_diff"] <= 1e-5 and report["parity_rows"] > 0
+    ckpt = torch.load(next(p for p in ckpts if "best" in p.name), weights_only=True)
+    assert ckpt["feature_schema"]["name"] == "topk"
+
+
+def test_onnx_runtime_refuses_wrong_schema_and_bad_files(fit_run, tmp_path):
+    from toolkit.cascade.features import FeatureSchemaError, build_schema
+    from toolkit.cascade.onnx_runtime import OnnxQualityPredictor, PredictorFileError
+
+    onnx_path = fit_run / "checkpoints" / "predictor.onnx"
+    rt = OnnxQualityPredictor(onnx_path)
+    probs = rt.predict(np.zeros((3, rt.schema.dim), np.float32), schema=build_schema("topk"))
+    assert probs.shape == (3, 2) and ((probs >= 0) & (probs <= 1)).all()
+    with pytest.raises(FeatureSchemaError, match="feature schema mismatch"):
+        rt.predict(np.zeros((1, rt.schema.dim), np.float32), schema=build_schema("full"))
+    with pytest.raises(ValueError, match="NaN"):
+        rt.predict(np.full((1, rt.schema.dim), np.nan, np.float32))
+    truncated = tmp_path / "cut.onnx"
+    truncated.write_bytes(onnx_path.read_bytes()[:200])
+    with pytest.raises(PredictorFileError, match="not a valid ONNX predictor"):
+        OnnxQualityPredictor(truncated)
+    with pytest.raises(PredictorFileError, match="does not exist"):
+        OnnxQualityPredictor(tmp_path / "missing.onnx")
+
+
+def test_onnx_runtime_path_imports_no_torch():
+    code = ("import sys, toolkit.cascade.onnx_runtime\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_only_one_onnx_runtime_installed():
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    present = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            distribution(name)
+            present.append(name)
+        except PackageNotFoundError:
+            pass
+    assert len(present) <= 1, f"both {present} are installed: they overwrite each other"

@@ -1,0 +1,445 @@
+"""Decoding policies for masked-diffusion LMs: what the one decoding loop asks at every step.
+
+A policy owns no tensors of the sequence. For each batch row it keeps a :class:`RowState` and
+answers four questions the loop (:func:`toolkit.dllm.decoding.decode`) asks:
+
+* ``begin_block`` / ``end_block``: where the current block is, and what to adapt when it is done;
+* ``plan``: which forward this row needs now (a full forward, optionally keeping its K/V, or a
+  cached forward recomputing only some answer spans);
+* ``select``: which masked positions of the current block to commit, given every candidate's
+  confidence (batched over the rows that shared a forward: tensor ops, no loop over tokens);
+* ``observe``: the step's statistics (tokens committed, their confidence, the candidates' mean
+  entropy), from which adaptive policies move their block size and threshold.
+
+Positions in spans are relative to the start of the answer.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The forward a row needs for this step. Rows with equal plans share one forward.
+
+    Attributes:
+        full: Run the whole sequence (prompt and answer).
+        spans: For a cached forward, the answer spans whose tokens are recomputed (queries and
+            fresh K/V); every other slot is read from the cache.
+        store_cache: For a full forward, keep its K/V as the row's cache.
+    """
+
+    full: bool
+    spans: tuple[Span, ...] = ()
+    store_cache: bool = False
+
+
+@dataclass
+class RowState:
+    """Everything a policy remembers about one batch row (never shared between rows)."""
+
+    gen_length: int
+    block_start: int = 0
+    block_end: int = 0
+    step_in_block: int = 0
+    schedule: list[int] = field(default_factory=list)
+    block_size: int = 0
+    tau: float = 0.0
+    has_cache: bool = False
+    steps_since_refresh: int = 0
+    stable: list[Span] = field(default_factory=list)
+    recent: Span | None = None
+    block_conf_sum: float = 0.0
+    block_committed: int = 0
+    conf_window: deque[float] = field(default_factory=deque)
+    block_sizes: list[int] = field(default_factory=list)
+    thresholds: list[float] = field(default_factory=list)
+    adaptations: int = 0
+
+
+def _ranks(conf: Tensor, cand: Tensor) -> Tensor:
+    """Rank (0 = most confident) of every candidate within its row; non-candidates rank last."""
+    score = conf.masked_fill(~cand, -math.inf)
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    cols = torch.arange(conf.shape[-1], device=conf.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, cols)
+
+
+def select_top_k(conf: Tensor, cand: Tensor, k: Tensor) -> Tensor:
+    """Commit the ``k[r]`` most confident candidates of each row ``r``."""
+    return cand & (_ranks(conf, cand) < k[:, None])
+
+
+def select_threshold(conf: Tensor, cand: Tensor, tau: Tensor) -> Tensor:
+    """Commit every candidate with confidence ≥ ``tau[r]``, and always the most confident one."""
+    return cand & ((conf >= tau[:, None]) | (_ranks(conf, cand) == 0))
+
+
+def select_factor(conf: Tensor, cand: Tensor, factor: float) -> Tensor:
+    """Fast-dLLM's factor rule: commit the n most confident candidates while (n+1)(1-c_n) < f.
+
+    With c_1 ≥ c_2 ≥ … the candidates' sorted confidences, n grows while the n-th one still
+    satisfies c_n ≥ 1 - f/(n+1) (the first is always committed), so more tokens go together
+    only when all of them are near-certain.
+    """
+    score = conf.masked_fill(~cand, -math.inf)
+    ordered = score.sort(dim=-1, descending=True).values
+    n = torch.arange(1, conf.shape[-1] + 1, device=conf.device, dtype=conf.dtype)
+    ok = ordered >= 1.0 - factor / (n + 1.0)
+    ok[:, 0] = True
+    count = ok.long().cumprod(-1).sum(-1).minimum(cand.sum(-1))
+    return select_top_k(conf, cand, count)
+
+
+def _merge(spans: list[Span]) -> tuple[Span, ...]:
+    out: list[list[int]] = []
+    for s, e in sorted(sp for sp in spans if sp[1] > sp[0]):
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return tuple((s, e) for s, e in out)
+
+
+def _check_cache(cache: str) -> str:
+    if cache not in ("none", "prefix", "dual"):
+        raise ValueError(f"cache must be 'none', 'prefix' or 'dual', got {cache!r}")
+    return cache
+
+
+class Policy(ABC):
+    """Base class; see the module docstring for the protocol."""
+
+    name: ClassVar[str] = ""
+    needs_entropy: ClassVar[bool] = False
+    random_confidence: bool = False
+
+    @property
+    def uses_cache(self) -> bool:
+        """Whether any forward of this policy reads a KV cache."""
+        return False
+
+    def validate(self, gen_length: int) -> None:
+        """Raise ``ValueError`` if this policy cannot decode ``gen_length`` tokens."""
+        if gen_length < 1:
+            raise ValueError(f"gen_length must be ≥ 1, got {gen_length}")
+
+    def new_state(self, gen_length: int) -> RowState:
+        return RowState(gen_length=gen_length)
+
+    def begin_block(self, st: RowState) -> None:
+        """Open the block that starts where the previous one ended."""
+        st.block_start = st.block_end
+        st.block_end = min(st.gen_length, st.block_start + self.next_block_size(st))
+        st.step_in_block = 0
+        st.block_conf_sum, st.block_committed = 0.0, 0
+        st.block_sizes.append(st.block_end - st.block_start)
+
+    @abstractmethod
+    def next_block_size(self, st: RowState) -> int: ...
+
+    @abstractmethod
+    def plan(self, st: RowState) -> Plan:
+        """The forward this row needs now. Called exactly once per step and row."""
+
+    @abstractmethod
+    def select(self, states: list[RowState], conf: Tensor, cand: Tensor) -> Tensor:
+        """Which candidates (``cand``, ``(R, C)`` bool) to commit, given ``conf`` ``(R, C)``."""
+
+    def observe(self, st: RowState, committed: int, conf_sum: float, entropy: float) -> None:
+        """Record one step: tokens committed, their summed confidence, candidates' entropy."""
+        st.step_in_block += 1
+        st.block_committed += committed
+        st.block_conf_sum += conf_sum
+
+    def end_block(self, st: RowState) -> None:  # noqa: B027 (optional hook, default no-op)
+        """Called when the current block has no mask left."""
+
+    def config(self) -> dict[str, Any]:
+        """Settings for results files."""
+        return {"policy": self.name, **{k: v for k, v in vars(self).items()
+                                        if not k.startswith("_")}}
+
+
+class LLaDAPolicy(Policy):
+    """The reference LLaDA sampler: fixed blocks, fixed steps per block, linear schedule.
+
+    Every step is one full forward (no cache). Within a block of ``block_length`` positions
+    and ``steps / num_blocks`` steps, step i commits ``base + (i < rem)`` tokens where ``base``
+    and ``rem`` are the quotient and remainder of the block's masked count by the steps; the
+    committed tokens are the most confident masked ones (``low_confidence``) or uniformly
+    random ones (``random``). Steps whose scheduled count is 0 are skipped rather than run as
+    no-op forwards.
+    """
+
+    name = "llada"
+
+    def __init__(self, steps: int | None = None, block_length: int = 32,
+                 remasking: str = "low_confidence"):
+        if remasking not in ("low_confidence", "random"):
+            raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
+        self.steps = steps
+        self.block_length = block_length
+        self.remasking = remasking
+        self.random_confidence = remasking == "random"
+
+    def _steps_per_block(self, gen_length: int) -> int:
+        steps = gen_length if self.steps is None else self.steps
+        return steps // (gen_length // self.block_length)
+
+    def validate(self, gen_length: int) -> None:
+        super().validate(gen_length)
+        if self.block_length < 1 or gen_length % self.block_length:
+            raise ValueError(f"llada: gen_length {gen_length} must be a multiple of "
+                             f"block_length {self.block_length}")
+        num_blocks = gen_length // self.block_length
+        steps = gen_length if self.steps is None else self.steps
+        if steps < num_blocks or steps % num_blocks:
+            raise ValueError(f"llada: steps {steps} must be a positive multiple of the number "
+                             f"of blocks {num_blocks} (gen_length / block_length)")
+
+    def next_block_size(self, st: RowState) -> int:
+        return self.block_length
+
+    def begin_block(self, st: RowState) -> None:
+        super().begin_block(st)
+        # At a block's start all of it is masked: nothing outside the current block is ever
+        # committed, so the masked count is the block's length.
+        steps = self._steps_per_block(st.gen_length)
+        base, rem = divmod(st.block_end - st.block_start, steps)
+        st.schedule = [base + (i < rem) for i in range(steps)]
+
+    def plan(self, st: RowState) -> Plan:
+        return Plan(full=True)
+
+    def select(self, states: list[RowState], conf: Tensor, cand: Tensor) -> Tensor:
+        k = [s.schedule[s.step_in_block] if s.step_in_block < len(s.schedule) else cand.shape[1]
+             for s in states]
+        return select_top_k(conf, cand, torch.tensor(k, device=conf.device))
+
+
+class _CachedBlockPolicy(Policy):
+    """Shared Fast-dLLM cache plan: one full refreshing forward per block, then cached steps."""
+
+    cache: str = "none"
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.cache != "none"
+
+    def _block_cache_plan(self, st: RowState) -> Plan:
+        if self.cache == "none":
+            return Plan(full=True)
+        if st.step_in_block == 0:
+            return Plan(full=True, store_cache=True)
+        end = st.gen_length if self.cache == "prefix" else st.block_end
+        return Plan(full=False, spans=((st.block_start, end),))
+
+
+class FastDLLMPolicy(_CachedBlockPolicy):
+    """Fast-dLLM: static blocks, threshold (or factor) parallel decoding, prefix/dual cache.
+
+    Each block starts with a full forward that refreshes the cache and also decodes; later
+    steps of the block recompute only the block and everything after it (``prefix``) or only
+    the block (``dual``), reading the rest from the cache. ``threshold`` commits every masked
+    position of the block with confidence ≥ τ (at least the most confident one); ``factor``
+    (when given) uses :func:`select_factor` instead.
+    """
+
+    name = "fastdllm"
+
+    def __init__(self, block_length: int = 32, threshold: float = 0.9,
+                 factor: float | None = None, cache: str = "prefix"):
+        self.block_length = block_length
+        self.threshold = threshold
+        self.factor = factor
+        self.cache = _check_cache(cache)
+
+    def validate(self, gen_length: int) -> None:
+        super().validate(gen_length)
+        if self.block_length < 1 or gen_length % self.block_length:
+            raise ValueError(f"fastdllm: gen_length {gen_length} must be a multiple of "
+                             f"block_length {self.block_length}")
+
+    def next_block_size(self, st: RowState) -> int:
+        return self.block_length
+
+    def plan(self, st: RowState) -> Plan:
+        return self._block_cache_plan(st)
+
+    def select(self, states: list[RowState], conf: Tensor, cand: Tensor) -> Tensor:
+        if self.factor is not None:
+            return select_factor(conf, cand, self.factor)
+        tau = torch.full((conf.shape[0],), self.threshold, dtype=conf.dtype, device=conf.device)
+        return select_threshold(conf, cand, tau)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "math": {"base_block_size": 8, "base_threshold": 0.9, "adaptation_rate": 0.1},
+    "code": {"base_block_size": 16, "base_threshold": 0.8, "adaptation_rate": 0.2},
+    "creative": {"base_block_size": 32, "base_threshold": 0.7, "adaptation_rate": 0.3},
+}
+
+
+class AdaptivePolicy(_CachedBlockPolicy):
+    """The seed's self-correcting scheduler, with every component switchable for ablation.
+
+    * ``dynamic_block``: when a block ends, the mean of the last ``confidence_window`` steps'
+      mean committed confidence moves the next block size: above ``confidence_high`` it grows
+      to ``round(B·(1+rate))`` (at least B+1), below ``confidence_low`` it shrinks to
+      ``round(B·(1-rate))`` (at least B-1), clamped to [min_block_size, max_block_size].
+    * ``adaptive_threshold``: after each step, the candidates' mean entropy (nats) above
+      ``entropy_threshold_high`` multiplies τ by ``1 + rate/2`` (safer), below
+      ``entropy_threshold_low`` by ``1 - rate/2`` (more parallel), clamped to
+      [min_threshold, max_threshold]. Commits use the threshold rule with the row's τ.
+    * ``tiered_cache``: one full forward at the start (tier 1: the prompt's K/V are never
+      recomputed again). A finished block whose mean commit confidence is ≥
+      ``tier2_stability_threshold`` joins tier 2 (stable), else it stays in tier 3 for the next
+      block, then joins tier 2. Each step recomputes tier 3 (the current block and the recent
+      uncertain one); every ``tier2_update_interval`` steps it also recomputes tier 2 and the
+      still-masked suffix. Without it, ``cache`` selects Fast-dLLM's per-block refresh.
+
+    ``memory_efficiency_mode`` is accepted for the seed's API and recorded; it changes
+    nothing here, as all K/V live in one preallocated buffer either way.
+    """
+
+    name = "adaptive"
+    needs_entropy = True
+
+    def __init__(self, base_block_size: int = 16, min_block_size: int = 8,
+                 max_block_size: int = 64, base_threshold: float = 0.8,
+                 min_threshold: float = 0.7, max_threshold: float = 0.95,
+                 adaptation_rate: float = 0.2, entropy_threshold_high: float = 2.0,
+                 entropy_threshold_low: float = 0.5, confidence_high: float = 0.9,
+                 confidence_low: float = 0.7, confidence_window: int = 5,
+                 dynamic_block: bool = True, adaptive_threshold: bool = True,
+                 tiered_cache: bool = True, tier2_stability_threshold: float = 0.85,
+                 tier2_update_interval: int = 3, memory_efficiency_mode: bool = False,
+                 cache: str = "prefix"):
+        if not 1 <= min_block_size <= base_block_size <= max_block_size:
+            raise ValueError(f"need 1 ≤ min_block_size {min_block_size} ≤ base_block_size "
+                             f"{base_block_size} ≤ max_block_size {max_block_size}")
+        if not 0.0 < min_threshold <= base_threshold <= max_threshold:
+            raise ValueError(f"need 0 < min_threshold {min_threshold} ≤ base_threshold "
+                             f"{base_threshold} ≤ max_threshold {max_threshold}")
+        if confidence_window < 1 or tier2_update_interval < 1:
+            raise ValueError("confidence_window and tier2_update_interval must be ≥ 1")
+        self.base_block_size, self.min_block_size = base_block_size, min_block_size
+        self.max_block_size = max_block_size
+        self.base_threshold, self.min_threshold = base_threshold, min_threshold
+        self.max_threshold = max_threshold
+        self.adaptation_rate = adaptation_rate
+        self.entropy_threshold_high = entropy_threshold_high
+        self.entropy_threshold_low = entropy_threshold_low
+        self.confidence_high, self.confidence_low = confidence_high, confidence_low
+        self.confidence_window = confidence_window
+        self.dynamic_block, self.adaptive_threshold = dynamic_block, adaptive_threshold
+        self.tiered_cache = tiered_cache
+        self.tier2_stability_threshold = tier2_stability_threshold
+        self.tier2_update_interval = tier2_update_interval
+        self.memory_efficiency_mode = memory_efficiency_mode
+        self.cache = _check_cache(cache)
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> AdaptivePolicy:
+        """Build from one of :data:`PRESETS` (math / code / creative), then ``overrides``."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[preset], **overrides})
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.tiered_cache or self.cache != "none"
+
+    def new_state(self, gen_length: int) -> RowState:
+        return RowState(gen_length=gen_length, block_size=self.base_block_size,
+                        tau=self.base_threshold,
+                        conf_window=deque(maxlen=self.confidence_window))
+
+    def next_block_size(self, st: RowState) -> int:
+        return st.block_size
+
+    def plan(self, st: RowState) -> Plan:
+        if not self.tiered_cache:
+            return self._block_cache_plan(st)
+        if not st.has_cache:
+            st.has_cache = True
+            st.steps_since_refresh = 0
+            return Plan(full=True, store_cache=True)
+        spans = [(st.block_start, st.block_end)]
+        if st.recent is not None:
+            spans.append(st.recent)
+        st.steps_since_refresh += 1
+        if st.steps_since_refresh >= self.tier2_update_interval:
+            st.steps_since_refresh = 0
+            spans += st.stable + [(st.block_end, st.gen_length)]
+        return Plan(full=False, spans=_merge(spans))
+
+    def select(self, states: list[RowState], conf: Tensor, cand: Tensor) -> Tensor:
+        tau = torch.tensor([s.tau for s in states], dtype=conf.dtype, device=conf.device)
+        return select_threshold(conf, cand, tau)
+
+    def observe(self, st: RowState, committed: int, conf_sum: float, entropy: float) -> None:
+        super().observe(st, committed, conf_sum, entropy)
+        if committed:
+            st.conf_window.append(conf_sum / committed)
+        if self.adaptive_threshold and not math.isnan(entropy):
+            step = self.adaptation_rate / 2
+            if entropy > self.entropy_threshold_high:
+                tau = min(self.max_threshold, st.tau * (1 + step))
+            elif entropy < self.entropy_threshold_low:
+                tau = max(self.min_threshold, st.tau * (1 - step))
+            else:
+                tau = st.tau
+            st.adaptations += tau != st.tau
+            st.tau = tau
+        st.thresholds.append(st.tau)
+
+    def end_block(self, st: RowState) -> None:
+        span = (st.block_start, st.block_end)
+        if self.tiered_cache:
+            if st.recent is not None:
+                st.stable.append(st.recent)
+                st.recent = None
+            mean_conf = st.block_conf_sum / max(st.block_committed, 1)
+            if mean_conf >= self.tier2_stability_threshold:
+                st.stable.append(span)
+            else:
+                st.recent = span
+            st.stable = list(_merge(st.stable))
+        if self.dynamic_block and st.conf_window:
+            avg = sum(st.conf_window) / len(st.conf_window)
+            b = st.block_size
+            if avg > self.confidence_high:
+                b = min(self.max_block_size, max(b + 1, round(b * (1 + self.adaptation_rate))))
+            elif avg < self.confidence_low:
+                b = max(self.min_block_size, min(b - 1, round(b * (1 - self.adaptation_rate))))
+            st.adaptations += b != st.block_size
+            st.block_size = b
+
+
+POLICIES: dict[str, type[Policy]] = {
+    "llada": LLaDAPolicy, "fastdllm": FastDLLMPolicy, "adaptive": AdaptivePolicy,
+}
+
+
+def make_policy(name: str, **kwargs: Any) -> Policy:
+    """Build a policy by name; ``make_policy("adaptive", preset="math", ...)`` uses a preset."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+    preset = kwargs.pop("preset", None)
+    if preset is not None:
+        if name != "adaptive":
+            raise ValueError("presets exist only for the adaptive policy")
+        return AdaptivePolicy.from_preset(preset, **kwargs)
+    return POLICIES[name](**kwargs)
