@@ -201,7 +201,7 @@ class _Decoder:
         return logits
 
     def _store_cache(self, rows: Tensor, new: KVCache) -> None:
-        if self.cache is None and rows.numel() == self.b:
+        if rows.numel() == self.b:  # every row refreshed: the new cache replaces the old
             self.cache = new
             return
         if self.cache is None:
@@ -324,6 +324,7 @@ class _Decoder:
         if bool(stop.any()):
             fill = stop[:, None] & (pos > first_eos[:, None])
             self.x[:, self.p:] = torch.where(fill, self.eos_id, ans)
+            self.commit_nfe.masked_fill_(fill, 0)
             for r in stop.nonzero()[:, 0].tolist():
                 self.active[r] = False
                 self.stopped[r] = True

@@ -242,12 +242,9 @@ class LLaDABlock(nn.Module):
             idx = replace_index[:, None, :, None].expand(-1, cfg.kv_heads, -1, cfg.head_dim)
             keys = past.keys[layer].scatter_(2, idx, k)
             values = past.values[layer].scatter_(2, idx, v)
-        if cfg.kv_heads != cfg.n_heads:
-            rep = cfg.n_heads // cfg.kv_heads
-            keys_a, values_a = keys.repeat_interleave(rep, 1), values.repeat_interleave(rep, 1)
-        else:
-            keys_a, values_a = keys, values
-        att = F.scaled_dot_product_attention(q, keys_a, values_a, attn_mask=attn_mask)
+        # GQA: each K/V head serves n_heads / n_kv_heads consecutive query heads.
+        att = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask,
+                                             enable_gqa=cfg.kv_heads != cfg.n_heads)
         x = x + self.attn_out(att.transpose(1, 2).reshape(b, t, cfg.d_model))
         h = self.ff_norm(x)
         x = x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))

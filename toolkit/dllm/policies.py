@@ -1,17 +1,12 @@
 """Decoding policies for masked-diffusion LMs: what the one decoding loop asks at every step.
 
-A policy owns no tensors of the sequence. For each batch row it keeps a :class:`RowState` and
-answers four questions the loop (:func:`toolkit.dllm.decoding.decode`) asks:
-
-* ``begin_block`` / ``end_block``: where the current block is, and what to adapt when it is done;
-* ``plan``: which forward this row needs now (a full forward, optionally keeping its K/V, or a
-  cached forward recomputing only some answer spans);
-* ``select``: which masked positions of the current block to commit, given every candidate's
-  confidence (batched over the rows that shared a forward: tensor ops, no loop over tokens);
-* ``observe``: the step's statistics (tokens committed, their confidence, the candidates' mean
-  entropy), from which adaptive policies move their block size and threshold.
-
-Positions in spans are relative to the start of the answer.
+A policy keeps one :class:`RowState` per batch row and answers the loop
+(:func:`toolkit.dllm.decoding.decode`): where the current block is (``begin_block`` /
+``end_block``, which may adapt), which forward a row needs (``plan``: full, optionally keeping
+K/V, or cached, recomputing only some answer spans), which masked positions of the block to
+commit (``select``, batched over rows with tensor ops), and the step's statistics
+(``observe``: tokens committed, their confidence, the candidates' mean entropy). Spans are
+relative to the answer's start.
 """
 
 from __future__ import annotations
@@ -19,7 +14,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -111,10 +106,9 @@ def _merge(spans: list[Span]) -> tuple[Span, ...]:
     return tuple((s, e) for s, e in out)
 
 
-def _check_cache(cache: str) -> str:
+def _check_cache(cache: str) -> None:
     if cache not in ("none", "prefix", "dual"):
         raise ValueError(f"cache must be 'none', 'prefix' or 'dual', got {cache!r}")
-    return cache
 
 
 class Policy(ABC):
@@ -122,7 +116,11 @@ class Policy(ABC):
 
     name: ClassVar[str] = ""
     needs_entropy: ClassVar[bool] = False
-    random_confidence: bool = False
+
+    @property
+    def random_confidence(self) -> bool:
+        """Whether commits are ranked by uniform noise instead of the predicted probability."""
+        return False
 
     @property
     def uses_cache(self) -> bool:
@@ -167,10 +165,10 @@ class Policy(ABC):
 
     def config(self) -> dict[str, Any]:
         """Settings for results files."""
-        return {"policy": self.name, **{k: v for k, v in vars(self).items()
-                                        if not k.startswith("_")}}
+        return {"policy": self.name, **asdict(self)}  # type: ignore[call-overload]
 
 
+@dataclass
 class LLaDAPolicy(Policy):
     """The reference LLaDA sampler: fixed blocks, fixed steps per block, linear schedule.
 
@@ -182,20 +180,21 @@ class LLaDAPolicy(Policy):
     no-op forwards.
     """
 
-    name = "llada"
+    name: ClassVar[str] = "llada"
+    steps: int | None = None
+    block_length: int = 32
+    remasking: str = "low_confidence"
 
-    def __init__(self, steps: int | None = None, block_length: int = 32,
-                 remasking: str = "low_confidence"):
-        if remasking not in ("low_confidence", "random"):
-            raise ValueError(f"remasking must be 'low_confidence' or 'random', got {remasking!r}")
-        self.steps = steps
-        self.block_length = block_length
-        self.remasking = remasking
-        self.random_confidence = remasking == "random"
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"llada: steps must be ≥ 1, got {self.steps}")
+        if self.remasking not in ("low_confidence", "random"):
+            raise ValueError("remasking must be 'low_confidence' or 'random', "
+                             f"got {self.remasking!r}")
 
-    def _steps_per_block(self, gen_length: int) -> int:
-        steps = gen_length if self.steps is None else self.steps
-        return steps // (gen_length // self.block_length)
+    @property
+    def random_confidence(self) -> bool:
+        return self.remasking == "random"
 
     def validate(self, gen_length: int) -> None:
         super().validate(gen_length)
@@ -203,7 +202,7 @@ class LLaDAPolicy(Policy):
             raise ValueError(f"llada: gen_length {gen_length} must be a multiple of "
                              f"block_length {self.block_length}")
         num_blocks = gen_length // self.block_length
-        steps = gen_length if self.steps is None else self.steps
+        steps = self.steps or gen_length
         if steps < num_blocks or steps % num_blocks:
             raise ValueError(f"llada: steps {steps} must be a positive multiple of the number "
                              f"of blocks {num_blocks} (gen_length / block_length)")
@@ -215,7 +214,7 @@ class LLaDAPolicy(Policy):
         super().begin_block(st)
         # At a block's start all of it is masked: nothing outside the current block is ever
         # committed, so the masked count is the block's length.
-        steps = self._steps_per_block(st.gen_length)
+        steps = (self.steps or st.gen_length) // (st.gen_length // self.block_length)
         base, rem = divmod(st.block_end - st.block_start, steps)
         st.schedule = [base + (i < rem) for i in range(steps)]
 
@@ -231,7 +230,7 @@ class LLaDAPolicy(Policy):
 class _CachedBlockPolicy(Policy):
     """Shared Fast-dLLM cache plan: one full refreshing forward per block, then cached steps."""
 
-    cache: str = "none"
+    cache: str
 
     @property
     def uses_cache(self) -> bool:
@@ -246,6 +245,7 @@ class _CachedBlockPolicy(Policy):
         return Plan(full=False, spans=((st.block_start, end),))
 
 
+@dataclass
 class FastDLLMPolicy(_CachedBlockPolicy):
     """Fast-dLLM: static blocks, threshold (or factor) parallel decoding, prefix/dual cache.
 
@@ -256,14 +256,14 @@ class FastDLLMPolicy(_CachedBlockPolicy):
     (when given) uses :func:`select_factor` instead.
     """
 
-    name = "fastdllm"
+    name: ClassVar[str] = "fastdllm"
+    block_length: int = 32
+    threshold: float = 0.9
+    factor: float | None = None
+    cache: str = "prefix"
 
-    def __init__(self, block_length: int = 32, threshold: float = 0.9,
-                 factor: float | None = None, cache: str = "prefix"):
-        self.block_length = block_length
-        self.threshold = threshold
-        self.factor = factor
-        self.cache = _check_cache(cache)
+    def __post_init__(self) -> None:
+        _check_cache(self.cache)
 
     def validate(self, gen_length: int) -> None:
         super().validate(gen_length)
@@ -291,6 +291,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass
 class AdaptivePolicy(_CachedBlockPolicy):
     """The seed's self-correcting scheduler, with every component switchable for ablation.
 
@@ -313,42 +314,38 @@ class AdaptivePolicy(_CachedBlockPolicy):
     nothing here, as all K/V live in one preallocated buffer either way.
     """
 
-    name = "adaptive"
-    needs_entropy = True
+    name: ClassVar[str] = "adaptive"
+    needs_entropy: ClassVar[bool] = True
+    base_block_size: int = 16
+    min_block_size: int = 8
+    max_block_size: int = 64
+    base_threshold: float = 0.8
+    min_threshold: float = 0.7
+    max_threshold: float = 0.95
+    adaptation_rate: float = 0.2
+    entropy_threshold_high: float = 2.0
+    entropy_threshold_low: float = 0.5
+    confidence_high: float = 0.9
+    confidence_low: float = 0.7
+    confidence_window: int = 5
+    dynamic_block: bool = True
+    adaptive_threshold: bool = True
+    tiered_cache: bool = True
+    tier2_stability_threshold: float = 0.85
+    tier2_update_interval: int = 3
+    memory_efficiency_mode: bool = False
+    cache: str = "prefix"
 
-    def __init__(self, base_block_size: int = 16, min_block_size: int = 8,
-                 max_block_size: int = 64, base_threshold: float = 0.8,
-                 min_threshold: float = 0.7, max_threshold: float = 0.95,
-                 adaptation_rate: float = 0.2, entropy_threshold_high: float = 2.0,
-                 entropy_threshold_low: float = 0.5, confidence_high: float = 0.9,
-                 confidence_low: float = 0.7, confidence_window: int = 5,
-                 dynamic_block: bool = True, adaptive_threshold: bool = True,
-                 tiered_cache: bool = True, tier2_stability_threshold: float = 0.85,
-                 tier2_update_interval: int = 3, memory_efficiency_mode: bool = False,
-                 cache: str = "prefix"):
-        if not 1 <= min_block_size <= base_block_size <= max_block_size:
-            raise ValueError(f"need 1 ≤ min_block_size {min_block_size} ≤ base_block_size "
-                             f"{base_block_size} ≤ max_block_size {max_block_size}")
-        if not 0.0 < min_threshold <= base_threshold <= max_threshold:
-            raise ValueError(f"need 0 < min_threshold {min_threshold} ≤ base_threshold "
-                             f"{base_threshold} ≤ max_threshold {max_threshold}")
-        if confidence_window < 1 or tier2_update_interval < 1:
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_block_size <= self.base_block_size <= self.max_block_size:
+            raise ValueError(f"need 1 ≤ min_block_size {self.min_block_size} ≤ base_block_size "
+                             f"{self.base_block_size} ≤ max_block_size {self.max_block_size}")
+        if not 0.0 < self.min_threshold <= self.base_threshold <= self.max_threshold:
+            raise ValueError(f"need 0 < min_threshold {self.min_threshold} ≤ base_threshold "
+                             f"{self.base_threshold} ≤ max_threshold {self.max_threshold}")
+        if self.confidence_window < 1 or self.tier2_update_interval < 1:
             raise ValueError("confidence_window and tier2_update_interval must be ≥ 1")
-        self.base_block_size, self.min_block_size = base_block_size, min_block_size
-        self.max_block_size = max_block_size
-        self.base_threshold, self.min_threshold = base_threshold, min_threshold
-        self.max_threshold = max_threshold
-        self.adaptation_rate = adaptation_rate
-        self.entropy_threshold_high = entropy_threshold_high
-        self.entropy_threshold_low = entropy_threshold_low
-        self.confidence_high, self.confidence_low = confidence_high, confidence_low
-        self.confidence_window = confidence_window
-        self.dynamic_block, self.adaptive_threshold = dynamic_block, adaptive_threshold
-        self.tiered_cache = tiered_cache
-        self.tier2_stability_threshold = tier2_stability_threshold
-        self.tier2_update_interval = tier2_update_interval
-        self.memory_efficiency_mode = memory_efficiency_mode
-        self.cache = _check_cache(cache)
+        _check_cache(self.cache)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> AdaptivePolicy:
