@@ -48,8 +48,6 @@ class CascadeReplayEval(LightningModule):
         data_dir: labelled records (``cli.py label``).
         lam: λ, the price of a wrong answer in top-stage-call units (cascade, threshold).
         sweep: λ values for the quality–cost curve.
-        budgets: mean relative costs at which cascade, threshold and random are compared with
-            a paired bootstrap (λ and t tuned on the training folds to meet each budget).
         folds: cross-validation folds over prompts.
         n_bins: bins of each stage's score in the stopping policy's history.
         risk_prior: (α0, β0) Beta prior of the risk adjustment, or null for none.
@@ -60,7 +58,7 @@ class CascadeReplayEval(LightningModule):
     """
 
     def __init__(self, method: str = "cascade", data_dir: str = "data/cascade", lam: float = 1.0,
-                 sweep: list[float] | None = None, budgets: list[float] | None = None,
+                 sweep: list[float] | None = None,
                  folds: int = 5, n_bins: int = 3, risk_prior: list[float] | None = None,
                  schema: str = "topk", num_stages: int = 3, seed: int = 0,
                  random_seeds: int = 3) -> None:
@@ -160,8 +158,8 @@ class CascadeReplayEval(LightningModule):
         return out
 
     def _models(self) -> list[dict[str, Any]]:
-        from toolkit.common.io import read_jsonl
         from toolkit.cascade.records_datamodule import record_files
+        from toolkit.common.io import read_jsonl
 
         seen = {}
         for path in record_files(self.hparams.data_dir):

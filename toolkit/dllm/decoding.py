@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,7 +56,6 @@ class DecodeResult:
     stopped_at_eos: list[bool]
     commit_nfe: Tensor
     wall_time_s: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nfe(self) -> list[int]:
@@ -241,7 +240,8 @@ class _Decoder:
         c0, c1 = int(hit.min()), int(hit.max()) + 1
         cand, logits, span_cols = cand[:, c0:c1], logits[:, c0:c1], cols[c0:c1]
         logp = torch.log_softmax(logits.double(), dim=-1)
-        noise_offset = cols.numel() - self.am[rows][:, cols].sum(-1)
+        n_real = self.am[rows][:, cols].sum(-1)
+        noise_offset = cols.numel() - n_real
         if self.temperature > 0:
             # Gumbel-max: argmax(l - T·log(-log U)) == argmax(exp(l) / (-log U)^T).
             u = self._draw(row_ids, noise_offset, cols.numel(), c0, c1, logits.shape[-1])
@@ -261,7 +261,7 @@ class _Decoder:
             entropy = (ent * cand).sum(-1) / cand.sum(-1).clamp(min=1)
         n_commit = commit.sum(-1).tolist()
         conf_sum = (prob * commit).sum(-1).tolist()
-        n_real = self.am[rows][:, cols].sum(-1).tolist()
+        n_real = n_real.tolist()
         cost = 2 if (plan.full and self.cfg > 0) else 1
         for i, r in enumerate(row_ids):
             if plan.full:
@@ -386,7 +386,8 @@ def decode(model: Any, prompts: list[list[int]] | Tensor, gen_length: int,
         pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     prompt_lists = _as_prompt_lists(prompts)
     policy.validate(gen_length)
-    context = _config_value(model, "max_sequence_length")
+    context = (_config_value(model, "max_sequence_length")
+               or _config_value(model, "max_position_embeddings"))
     longest = max(len(p) for p in prompt_lists)
     if context is not None and longest + gen_length > context:
         raise ValueError(f"prompt of {longest} tokens + gen_length {gen_length} = "
