@@ -33,6 +33,14 @@ def test_fit_writes_checkpoint_onnx_tensorboard(fit_run):
     assert any(p.name == "last.ckpt" for p in ckpts) and any("best" in p.name for p in ckpts)
     report = json.loads((run / "checkpoints" / "onnx_export.json").read_text())
     assert report["parity_max_abs_diff"] <= 1e-5 and report["parity_rows"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "val/loss", "val/auroc", "val/ece", "val/cascade_accuracy",
+                "val/cascade_relative_cost", "export/latency_p50_us"):
+        assert tag in tags, f"{tag} not logged; have {sorted(tags)}"
     ckpt = torch.load(next(p for p in ckpts if "best" in p.name), weights_only=True)
     assert ckpt["feature_schema"]["name"] == "topk"
 

@@ -140,6 +140,7 @@ def run_lightning(args: list[str]) -> Any:
         if not FIT_DEFAULT.is_file():
             raise UserError(f"no default fit config at {FIT_DEFAULT}; pass --config")
         args = [args[0], "--config", str(FIT_DEFAULT), *args[1:]]
+    sys.argv = sys.argv[:1]  # the arguments travel in `args`; LightningCLI warns about both
     cli = ToolkitCLI(
         LightningModule, LightningDataModule, subclass_mode_model=True,
         subclass_mode_data=True, args=args, save_config_kwargs={"overwrite": True},

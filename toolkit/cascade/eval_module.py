@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from torch.utils.data import DataLoader
 
 from toolkit.cascade import replay
@@ -197,3 +197,47 @@ class CascadeReplayEval(LightningModule):
             if hasattr(logger.experiment, "add_figure"):
                 logger.experiment.add_figure("test/quality_vs_cost", fig)
         plt.close(fig)
+
+
+class CascadeReplayCallback(Callback):
+    """During fit: after each validation epoch, replay the whole cascade on the val prompts.
+
+    The current predictor scores every (prompt, stage); the stopping policy is fitted on the
+    train-split prompts (their scores are in-sample, so this is optimistic about calibration:
+    a watch dial, not the evaluation; ``test --method cascade`` cross-validates properly) and
+    replayed on the val prompts. Logs ``val/cascade_accuracy``, ``val/cascade_relative_cost``
+    and ``val/cascade_stage_<k>`` so the end-to-end effect is visible while training.
+
+    Args:
+        lam: λ of the stopping policy.
+        data_dir: the labelled records (as the DataModule's).
+    """
+
+    def __init__(self, lam: float = 1.0, data_dir: str = "data/cascade") -> None:
+        self.lam, self.data_dir = lam, data_dir
+        self.table: replay.PromptTable | None = None
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: LightningModule) -> None:
+        from toolkit.cascade.stopping import evaluate, fit_policy
+        from toolkit.common.splits import split_of
+
+        if trainer.sanity_checking:
+            return
+        if self.table is None:
+            self.table = replay.load_prompt_table(self.data_dir, pl_module.hparams.schema,
+                                                  pl_module.hparams.num_stages)
+            self.split = np.array([split_of(i) for i in self.table.ids])
+        t = self.table
+        n, L, F = t.X.shape
+        with torch.no_grad():
+            x = torch.from_numpy(t.X.reshape(n * L, F)).to(pl_module.device)
+            P = pl_module(x)[:, 0].cpu().numpy().reshape(n, L)
+        tr, va = self.split == "train", self.split == "val"
+        if not tr.any() or not va.any():
+            return
+        policy = fit_policy(P[tr], t.Y[tr], t.C[tr], self.lam, groups=t.tasks[tr])
+        ev = evaluate(policy, P[va], t.Y[va], t.C[va], t.tasks[va])
+        pl_module.log("val/cascade_accuracy", float(ev["correct"].mean()))
+        pl_module.log("val/cascade_relative_cost", float(ev["cost"].mean()))
+        for k in range(L):
+            pl_module.log(f"val/cascade_stage_{k}", float((ev["stage"] == k).mean()))

@@ -42,7 +42,7 @@ def export_onnx(module: LightningModule, path: str | Path) -> Path:
     example = torch.zeros(2, module.schema.dim)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     tmp = path.with_suffix(".onnx.tmp")
-    torch.onnx.export(_Probabilities(module), (example,), str(tmp), dynamo=True,
+    torch.onnx.export(_Probabilities(module).eval(), (example,), str(tmp), dynamo=True,
                       external_data=False, input_names=["features"],
                       output_names=["probabilities"], dynamic_shapes=({0: batch},),
                       verbose=False)
