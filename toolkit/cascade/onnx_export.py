@@ -110,3 +110,52 @@ class ExportOnnx(Callback):
                                 "export/latency_p99_us": report["p99_us"]})
         print(f"exported {path} (max |onnx - torch| = {report['parity_max_abs_diff']:.1e}, "
               f"batch-1 p50 {report['p50_us']:.1f} µs, p99 {report['p99_us']:.1f} µs)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as a quality predictor."""
+
+
+def load_predictor(ckpt: str | Path) -> LightningModule:
+    from toolkit.cascade.predictor_module import QualityPredictor
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return QualityPredictor.load_from_checkpoint(str(path), map_location="cpu").eval()
+    except Exception as err:  # torch/zip/pickle errors for truncated or foreign files
+        raise CheckpointError(f"{path} is not a readable predictor checkpoint "
+                              f"({type(err).__name__}: {str(err).splitlines()[0][:160]})"
+                              ) from None
+
+
+def export(ckpt: str, to: str | None = None, data_dir: str = "data/cascade") -> dict[str, Any]:
+    """Export a predictor checkpoint to ONNX, check it against torch, and time it.
+
+    Args:
+        ckpt: a QualityPredictor checkpoint (.ckpt) from `python cli.py fit`.
+        to: folder to publish into (e.g. checkpoints/cascade/predictor): the .ckpt, the .onnx
+            and a card are written there; default: beside the checkpoint.
+        data_dir: labelled records whose validation features check ONNX/torch parity.
+    """
+    import shutil
+
+    from toolkit.cascade.records_datamodule import CascadeRecordsDataModule
+
+    module = load_predictor(ckpt)
+    folder = Path(to) if to else Path(ckpt).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    path = export_onnx(module, folder / "predictor.onnx")
+    dm = CascadeRecordsDataModule(data_dir, module.hparams.schema, module.hparams.num_stages)
+    x, _ = dm.arrays("val")
+    report = {"onnx": str(path), "checkpoint": str(ckpt),
+              "parity_max_abs_diff": check_parity(module, path, x), "parity_rows": len(x),
+              **latency_us(path, x.shape[1]), "feature_schema": module.schema.to_dict(),
+              "hparams": dict(module.hparams)}
+    if to:
+        shutil.copyfile(ckpt, folder / "predictor.ckpt")
+    (folder / "onnx_export.json").write_text(json.dumps(report, indent=1, default=str))
+    print(f"exported {path}: max |onnx - torch| = {report['parity_max_abs_diff']:.1e} on "
+          f"{len(x)} val rows; batch-1 p50 {report['p50_us']:.1f} µs, p99 {report['p99_us']:.1f} µs")
+    return report
