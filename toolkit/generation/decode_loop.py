@@ -1,0 +1,205 @@
+"""The one autoregressive decoding loop: continuous batching over one or more causal LMs.
+
+Plain generation runs one model; the q* sampler runs two models that share a tokenizer and
+mixes their next-token distributions. Both go through ``DecodeLoop``: it owns the queue, the
+slots, the KV caches (one per model, kept in lock-step), EOS/length stopping and the per-token
+records; a *picker* turns the models' next-token logits into the emitted tokens, the
+distribution whose statistics are recorded, and optional extra per-token values.
+
+Continuous batching: at most ``max_active`` sequences decode together. A sequence leaves the
+batch the step it finishes, and the next queued prompts (shortest first, which keeps padding
+small) are prefilled and join, so the batch stays full until the queue is empty. Joining pads
+the shorter cache on the left; leading columns that are padding for every row are trimmed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from toolkit.generation.base import DecodingConfig, GenerationOutput
+from toolkit.generation.sampling import choose_next, make_generator, token_stats
+
+# picker(logits per model [B, V] each, config, generators of the rows or None)
+#   -> (tokens [B], log-probs to record stats on [B, V], extra per-token values {name: [B]})
+Picker = Callable[[list[torch.Tensor], DecodingConfig, list[torch.Generator] | None],
+                  tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def single_model_picker(logits: list[torch.Tensor], config: DecodingConfig,
+                        rows: list[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                     dict[str, torch.Tensor]]:
+    """Plain generation: sample from the one model; record stats of its raw distribution."""
+    nxt = choose_next(logits[0], config.temperature, config.top_k, config.top_p, rows)
+    return nxt, torch.log_softmax(logits[0], -1), {}
+
+
+class DecodeLoop:
+    """Batched, KV-cached decoding of token-id prompts (see the module docstring).
+
+    Args:
+        models: causal LMs that read the same token ids (one for plain generation).
+        pad_id: id used for left padding (masked out).
+        eos_ids: ids that end a sequence.
+        device: where the inputs go.
+        picker: how the models' logits become tokens (default: one model, plain sampling).
+    """
+
+    def __init__(self, models: Sequence[Any], pad_id: int, eos_ids: Sequence[int],
+                 device: torch.device, picker: Picker = single_model_picker) -> None:
+        self.models, self.pad_id, self.eos_ids = list(models), pad_id, list(eos_ids)
+        self.device, self.picker = device, picker
+
+    # ------------------------------------------------------------- cache ops
+    def _prefill(self, prompts: list[list[int]]) -> tuple:
+        """Left-pad and run prompts; (caches, last logits per model, attention mask, positions)."""
+        width, dev = max(len(p) for p in prompts), self.device
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, width - len(p):] = torch.tensor(p)
+            mask[r, width - len(p):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        caches, logits = [], []
+        for m in self.models:
+            out = m(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=1)
+            caches.append(out.past_key_values)
+            logits.append(out.logits[:, -1, :].float())
+        return caches, logits, mask, positions[:, -1:]
+
+    @staticmethod
+    def _can_merge(caches: list[Any]) -> bool:
+        """Joining rows needs plain per-layer K/V tensors (not sliding-window layers)."""
+        for cache in caches:
+            layers = getattr(cache, "layers", None)
+            if not layers or any(getattr(la, "is_sliding", False)
+                                 or getattr(la, "keys", None) is None for la in layers):
+                return False
+        return True
+
+    @staticmethod
+    def _merge(a: tuple, b: tuple) -> tuple:
+        """Join two decoding states along the batch, left-padding the shorter caches."""
+        (ca, la, ma, pa), (cb, lb, mb, pb) = a, b
+        width = max(ma.shape[1], mb.shape[1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = width - t.shape[dim]
+            if missing == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = missing
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        for cache_a, cache_b in zip(ca, cb):
+            for x, y in zip(cache_a.layers, cache_b.layers):
+                x.keys = torch.cat([pad(x.keys, 2), pad(y.keys, 2)], 0)
+                x.values = torch.cat([pad(x.values, 2), pad(y.values, 2)], 0)
+        logits = [torch.cat([x, y]) for x, y in zip(la, lb)]
+        return ca, logits, torch.cat([pad(ma, 1), pad(mb, 1)]), torch.cat([pa, pb])
+
+    @staticmethod
+    def _trim(caches: list[Any], mask: torch.Tensor) -> torch.Tensor:
+        """Drop leading columns that are padding for every row still decoding."""
+        first = int(mask.any(0).long().argmax())
+        if first == 0 or any(getattr(c, "layers", None) is None for c in caches):
+            return mask
+        for cache in caches:
+            for la in cache.layers:
+                la.keys, la.values = la.keys[:, :, first:], la.values[:, :, first:]
+        return mask[:, first:]
+
+    # ------------------------------------------------------------------ run
+    @torch.inference_mode()
+    def run(self, prompts: list[list[int]], budgets: list[int], seeds: list[int],
+            config: DecodingConfig, max_active: int = 8,
+            decode: Callable[[np.ndarray], str] | None = None) -> list[GenerationOutput]:
+        """Decode every prompt; ``wall_s`` runs from a request's prefill to its last token."""
+        t0 = time.perf_counter()
+        n, dev = len(prompts), self.device
+        queue = sorted(range(n), key=lambda i: len(prompts[i]))
+        generators = None if config.greedy else [make_generator(config.seed, s) for s in seeds]
+        eos = torch.tensor(self.eos_ids or [-1], device=dev)
+        budget_all = torch.tensor(budgets, device=dev)
+        k = config.top_logprobs if config.token_stats else 0
+        buf_ids = torch.zeros((n, max(budgets)), dtype=torch.long, device=dev)
+        bufs: dict[str, torch.Tensor] = {}
+        lengths, stop, wall, admitted = [0] * n, ["length"] * n, [0.0] * n, [0.0] * n
+        state = None  # (caches, next-token logits per model, attention mask, positions)
+        active = torch.zeros(0, dtype=torch.long, device=dev)  # request index of each row
+        steps = torch.zeros(0, dtype=torch.long, device=dev)  # tokens generated by each row
+
+        def record(values: dict[str, torch.Tensor]) -> None:
+            for name, val in values.items():
+                if name not in bufs:
+                    bufs[name] = torch.zeros((n, buf_ids.shape[1], *val.shape[1:]),
+                                             dtype=val.dtype, device=dev)
+                bufs[name][active, steps] = val
+
+        while queue or len(active):
+            free = max_active - len(active)
+            if free > 0 and queue and (state is None or self._can_merge(state[0])):
+                new, queue = queue[:free], queue[free:]
+                for i in new:
+                    admitted[i] = time.perf_counter() - t0
+                fresh = self._prefill([prompts[i] for i in new])
+                state = fresh if state is None else self._merge(state, fresh)
+                active = torch.cat([active, torch.tensor(new, device=dev)])
+                steps = torch.cat([steps, steps.new_zeros(len(new))])
+            caches, logits, mask, positions = state
+            rows = None if generators is None else [generators[i] for i in active.tolist()]
+            nxt, logprobs, extra = self.picker(logits, config, rows)
+            buf_ids[active, steps] = nxt
+            if config.token_stats:
+                record(token_stats(logprobs, nxt, k))
+            record(extra)
+            steps = steps + 1
+            ended = torch.isin(nxt, eos) if self.eos_ids else torch.zeros_like(nxt, dtype=bool)
+            done = ended | (budget_all[active] <= steps)
+            if done.any():
+                now = time.perf_counter() - t0
+                for j in done.nonzero().flatten().tolist():
+                    r = int(active[j])
+                    lengths[r], wall[r] = int(steps[j]), now - admitted[r]
+                    stop[r] = "eos" if bool(ended[j]) else "length"
+                keep = (~done).nonzero().flatten()
+                active, steps, nxt = active[keep], steps[keep], nxt[keep]
+                if len(active) == 0:
+                    state = None
+                    continue
+                for cache in caches:
+                    cache.batch_select_indices(keep)
+                mask = self._trim(caches, mask[keep])
+                positions = positions[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            positions = positions + 1
+            new_caches, new_logits = [], []
+            for m, cache in zip(self.models, caches):
+                out = m(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+                        past_key_values=cache, use_cache=True)
+                new_caches.append(out.past_key_values)
+                new_logits.append(out.logits[:, -1, :].float())
+            state = (new_caches, new_logits, mask, positions)
+
+        ids_np = buf_ids.cpu().numpy()
+        arrays = {name: v.cpu().numpy() for name, v in bufs.items()}
+        results = []
+        for r in range(n):
+            toks = ids_np[r, :lengths[r]]
+            res = GenerationOutput(
+                text=decode(toks) if decode else "", token_ids=toks,
+                prompt_tokens=len(prompts[r]), stop_reason=stop[r], wall_s=wall[r],
+                extra={"queued_s": admitted[r], "max_active": max_active})
+            for name, arr in arrays.items():
+                if hasattr(res, name):
+                    setattr(res, name, arr[r, :lengths[r]])
+                else:
+                    res.extra[name] = arr[r, :lengths[r]]
+            results.append(res)
+        return results
