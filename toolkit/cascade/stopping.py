@@ -264,3 +264,30 @@ def threshold_policy(P: np.ndarray, thresholds: list[float]) -> np.ndarray:
         stop[hit] = k
         decided |= hit
     return stop
+
+
+def policy_to_dict(p: StoppingPolicy) -> dict[str, Any]:
+    """JSON-ready form of a fitted policy (for bundles and the server)."""
+    def dec(d: Decision) -> dict[str, Any]:
+        return {"action": d.action, "next_stage": d.next_stage, "stop_value": d.stop_value,
+                "go_value": d.go_value, "support": d.support}
+
+    return {"lam": p.lam, "bin_edges": [e.tolist() for e in p.bin_edges], "entry": p.entry,
+            "decisions": [{"history": [list(h) for h in hist], **dec(d)}
+                          for hist, d in p.decisions.items()],
+            "stage_fallback": {str(k): dec(d) for k, d in p.stage_fallback.items()},
+            "risk_prior": list(p.risk_prior) if p.risk_prior else None,
+            "expected_value": p.expected_value, "meta": p.meta}
+
+
+def policy_from_dict(d: dict[str, Any]) -> StoppingPolicy:
+    def dec(x: dict[str, Any]) -> Decision:
+        return Decision(x["action"], x["next_stage"], x["stop_value"], x["go_value"],
+                        x["support"])
+
+    return StoppingPolicy(
+        d["lam"], [np.asarray(e) for e in d["bin_edges"]], dict(d["entry"]),
+        {tuple(tuple(h) for h in x["history"]): dec(x) for x in d["decisions"]},
+        {int(k): dec(v) for k, v in d["stage_fallback"].items()},
+        tuple(d["risk_prior"]) if d["risk_prior"] else None, d["expected_value"],
+        d.get("meta", {}))

@@ -1,0 +1,113 @@
+"""The live cascade: run stages lazily and pay only for the stages a prompt reaches.
+
+Decisions go through the same ``StoppingPolicy`` as replay (``policy.first_stage``,
+``policy.bin_of``, ``policy.decide``), so a live run on prompts whose records were labelled
+with the same models and settings makes the same decisions as replay on those records. Prompts
+are batched per stage: all prompts waiting for stage k are generated together, scored by the
+ONNX predictor, and each one stops or moves on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from toolkit.cascade.features import record_features
+from toolkit.cascade.onnx_runtime import OnnxQualityPredictor
+from toolkit.cascade.stopping import StoppingPolicy
+from toolkit.generation.base import DecodingConfig, GenerationRequest, call_cost
+
+
+@dataclass
+class StageTrace:
+    stage: int
+    model: str
+    output: str
+    p: float
+    decision: str
+    why: str
+    cost_flops: float
+    generated_tokens: int
+    wall_s: float
+
+
+@dataclass
+class CascadeResult:
+    output: str
+    stopped_at_stage: int
+    stage_probabilities: list[float]
+    cost_flops: float
+    latency_ms: float
+    trace: list[StageTrace] = field(default_factory=list)
+
+
+class LiveCascade:
+    """Run a cascade of generation backends with a predictor and a stopping policy.
+
+    Args:
+        backends: one generation backend per stage (smallest first), sharing nothing.
+        predictor: the ONNX quality predictor (its feature schema must fit the stage count).
+        policy: the fitted stopping policy (``fit_policy`` / ``policy_from_dict``).
+        decoding: decoding settings (greedy by default, as the labels were made).
+        batch_size: sequences decoding together per stage.
+    """
+
+    def __init__(self, backends: Sequence[Any], predictor: OnnxQualityPredictor,
+                 policy: StoppingPolicy, decoding: DecodingConfig | None = None,
+                 batch_size: int = 8) -> None:
+        if predictor.schema.num_stages != len(backends) or policy.num_stages != len(backends):
+            raise ValueError(f"{len(backends)} stages, but the predictor expects "
+                             f"{predictor.schema.num_stages} and the policy "
+                             f"{policy.num_stages}")
+        self.backends, self.predictor, self.policy = list(backends), predictor, policy
+        self.decoding = decoding or DecodingConfig()
+        self.batch_size = batch_size
+
+    def run(self, prompts: Sequence[str], groups: Sequence[str] | None = None
+            ) -> list[CascadeResult]:
+        t0 = time.perf_counter()
+        groups = list(groups) if groups is not None else [""] * len(prompts)
+        at = {i: self.policy.first_stage(groups[i]) for i in range(len(prompts))}
+        hist: dict[int, tuple] = {i: () for i in range(len(prompts))}
+        traces: dict[int, list[StageTrace]] = {i: [] for i in range(len(prompts))}
+        done: dict[int, CascadeResult] = {}
+        for k, backend in enumerate(self.backends):
+            waiting = [i for i in at if i not in done and at[i] == k]
+            if not waiting:
+                continue
+            outs = backend.generate([GenerationRequest(prompts[i]) for i in waiting],
+                                    self.decoding, batch_size=self.batch_size)
+            feats = np.stack([record_features(self._record(k, o), self.predictor.schema)
+                              for o in outs])
+            probs = self.predictor.predict(feats, self.predictor.schema)[:, 0]
+            for i, o, p in zip(waiting, outs, probs):
+                hist[i] = (*hist[i], (k, self.policy.bin_of(k, float(p))))
+                d = self.policy.decide(k, hist[i])
+                why = (f"stop: λ(1-acc)={d.stop_value:.3f} <= best continuation "
+                       f"{d.go_value:.3f}" if d.action == "stop" and k < len(self.backends) - 1
+                       else "top stage" if d.action == "stop"
+                       else f"go to stage {d.next_stage}: continuation {d.go_value:.3f} < "
+                            f"stop {d.stop_value:.3f}")
+                cost = call_cost(backend.info.non_embedding_params, o.prompt_tokens,
+                                 o.generated_tokens)
+                traces[i].append(StageTrace(k, backend.info.slug, o.text, float(p), d.action,
+                                            why, cost, o.generated_tokens, o.wall_s))
+                if d.action == "stop":
+                    tr = traces[i]
+                    done[i] = CascadeResult(o.text, k, [t.p for t in tr],
+                                            sum(t.cost_flops for t in tr),
+                                            1000 * (time.perf_counter() - t0), tr)
+                else:
+                    at[i] = d.next_stage
+        return [done[i] for i in range(len(prompts))]
+
+    @staticmethod
+    def _record(stage: int, out: Any) -> dict[str, Any]:
+        """The fields of a label record that features are computed from."""
+        return {"stage": stage, "prompt_tokens": out.prompt_tokens,
+                "generated_tokens": out.generated_tokens, "stop_reason": out.stop_reason,
+                "tokens": out.token_arrays(), "backend": "live"}
