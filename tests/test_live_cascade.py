@@ -48,11 +48,11 @@ def setup(tmp_path_factory, tiny_lm, tiny_lm_b):
     policy = policy_from_dict(json.loads(json.dumps(policy_to_dict(
         fit_policy(P, Y, C, lam=3.0, n_bins=2)))))
     backends = [TransformersBackend(s.model, dtype="float64") for s in stages]
-    return prompts, P, Y, C, flops, policy, predictor, backends, decoding
+    return prompts, P, Y, C, flops, policy, predictor, backends, decoding, tmp
 
 
 def test_live_equals_replay(setup):
-    prompts, P, Y, C, flops, policy, predictor, backends, decoding = setup
+    prompts, P, Y, C, flops, policy, predictor, backends, decoding, _ = setup
     replay = evaluate(policy, P, Y, C)
     assert len(set(replay["stage"].tolist())) == 2, "policy should use both stages here"
     live = LiveCascade(backends, predictor, policy, decoding, batch_size=3).run(prompts)
@@ -66,7 +66,25 @@ def test_live_equals_replay(setup):
 
 
 def test_live_refuses_mismatched_stage_count(setup):
-    _, _, _, _, _, policy, predictor, backends, _ = setup
+    _, _, _, _, _, policy, predictor, backends, _, _ = setup
     with pytest.raises(ValueError, match="3 stages, but the predictor expects 2"):
         LiveCascade([*backends, backends[0]], predictor, policy)
     assert build_schema("topk", 2).num_stages == 2
+
+
+def test_seed_api_pipeline(setup, tiny_lm, tiny_lm_b):
+    from toolkit.cascade.seed_api import AdaptiveSpeculativePipeline, Stage, optimal_stopping_rule
+
+    prompts, tmp = setup[0], setup[-1]
+    stages = [Stage(str(tiny_lm)), Stage(str(tiny_lm_b))]
+    assert stages[1].cost_per_token > stages[0].cost_per_token > 0
+    assert stages[0].kv_cache_bytes(100) > 0
+    out = stages[0].generate(prompts[:2], max_tokens=4)
+    assert len(out) == 2 and len(out[0]["top_logprobs"][0]) == 5
+    pipe = AdaptiveSpeculativePipeline(stages, tmp / "predictor.onnx", lambda_value=3.0,
+                                       calibration_dir=str(tmp / "rec"))
+    res = pipe.process_request(prompts[0], max_tokens=6)
+    assert set(res) >= {"output", "stopped_at_stage", "latency_ms", "stage_probabilities"}
+    assert len(res["stage_probabilities"]) == res["stopped_at_stage"] + 1
+    assert pipe.stats["total_requests"] == 1 and sum(pipe.stats["stops_per_stage"]) == 1
+    assert optimal_stopping_rule([0.3, 0.5, 0.7, 0.9], [1, 1.6, 4.2, 8.8], 1.0) == 0

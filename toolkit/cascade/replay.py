@@ -238,3 +238,21 @@ def cross_validated(t: PromptTable, cv: CvScores, lam: float, n_bins: int = 3,
     out["threshold_cost"] = np.array([t.C[i, :k + 1].sum()
                                       for i, k in enumerate(out["threshold_stage"])])
     return out
+
+
+def policy_from_records(data_dir: str | Path, predictor: object, lam: float,
+                        n_bins: int = 3, risk_prior: tuple[float, float] | None = None,
+                        by_task: bool = True) -> StoppingPolicy:
+    """Fit a stopping policy on labelled records scored by a given (ONNX) predictor.
+
+    ``by_task`` makes the entry decision per task; live prompts then need their task as group.
+    """
+    schema = predictor.schema  # type: ignore[attr-defined]
+    t = load_prompt_table(data_dir, schema.name, schema.num_stages)
+    P = np.stack([predictor.predict(t.X[:, k])[:, 0]  # type: ignore[attr-defined]
+                  for k in range(t.num_stages)], 1)
+    policy = fit_policy(P, t.Y, t.C, lam, n_bins=n_bins, groups=t.tasks if by_task else None,
+                        risk_prior=risk_prior)
+    policy.meta = {"data_dir": str(data_dir), "prompts": len(t.ids),
+                   "mean_top_flops": float(t.flops[:, -1].mean())}
+    return policy
