@@ -219,6 +219,22 @@ def test_eos_stops_a_row_and_fills_the_rest(policy):
         assert out.nfe[0] == 9  # two blocks of 4 steps, then EOS is block 2's first commit
 
 
+class PrefersMask(LLaDAModelLM):
+    """Puts the mask token on top everywhere: it must still never be 'committed'."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits[..., MASK] += 1e3
+        return out
+
+
+def test_mask_token_is_never_predicted():
+    out = decode(make_model(cls=PrefersMask), PROMPTS[:2], 16, FastDLLMPolicy(8, cache="dual"),
+                 stop_at_eos=False)
+    assert not bool((out.answers == MASK).any())
+    assert all(n <= 16 for n in out.nfe)
+
+
 def test_accounting(model):
     llada = decode(model, PROMPTS, 32, LLaDAPolicy(32, 8), stop_at_eos=False)
     prefix = decode(model, PROMPTS, 32, FastDLLMPolicy(8, cache="prefix"), stop_at_eos=False)
@@ -230,7 +246,8 @@ def test_accounting(model):
     assert tiered.nfe_full == [1] * 4 and tiered.cache_hit_rate > 0
     for res in (llada, prefix, dual, tiered):
         assert [sum(row) for row in res.tokens_per_step] == [32] * 4
-        assert res.answer_tokens == [32] * 4 or EOS in res.answers
+        first_eos = [(row == EOS).nonzero()[:1, 0].tolist() for row in res.answers]
+        assert res.answer_tokens == [e[0] + 1 if e else 32 for e in first_eos]
         assert int(res.commit_nfe.min()) >= 1 and res.tokens_per_second > 0
     stats = compare(llada, prefix)
     assert stats["nfe_reduction_percent"] == pytest.approx(

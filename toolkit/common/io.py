@@ -133,7 +133,7 @@ class JsonlAppender:
         return {self._row_key(r) for r in self.rows()}
 
     def append(self, rows: Iterable[dict[str, Any]]) -> int:
-        lines = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n"
+        lines = "".join(json.dumps(r, ensure_ascii=False, default=json_default) + "\n"
                         for r in rows)
         if not lines:
             return 0
@@ -145,7 +145,8 @@ class JsonlAppender:
         return lines.count("\n")
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars/arrays and paths."""
     import numpy as np
 
     if isinstance(obj, np.generic):

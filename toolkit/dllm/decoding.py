@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -35,7 +35,13 @@ from toolkit.dllm.policies import Plan, Policy, RowState, make_policy
 
 @dataclass
 class DecodeResult:
-    """Outputs and honest accounting of one :func:`decode` call (lists are per row)."""
+    """Outputs and honest accounting of one :func:`decode` call (lists are per row).
+
+    ``sequences`` is the left-padded ``(B, P + G)`` batch, ``answers`` its last G columns.
+    ``commit_nfe[r, i]`` is the forward (1-based, per row) that committed answer position i,
+    0 where the EOS stop filled it. ``positions_computed`` / ``positions_cached`` count, over
+    all forwards, real positions recomputed versus read from the KV cache.
+    """
 
     sequences: Tensor
     answers: Tensor
@@ -89,20 +95,14 @@ class DecodeResult:
         return sum(self.answer_tokens) / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
     def metrics(self) -> dict[str, Any]:
-        """A JSON-friendly summary (means over rows where a per-row value exists)."""
-        n = len(self.prompt_lengths)
-        return {
-            "policy": self.policy, "batch_size": n, "gen_length": self.gen_length,
-            "nfe": self.nfe, "nfe_mean": sum(self.nfe) / n,
-            "nfe_full": self.nfe_full, "nfe_cached": self.nfe_cached,
-            "batch_forwards_full": self.batch_forwards_full,
-            "batch_forwards_cached": self.batch_forwards_cached,
-            "tokens_per_step_mean": self.mean_tokens_per_step,
-            "adaptations": self.adaptations, "total_adaptations": sum(self.adaptations),
-            "mean_block_size": self.mean_block_size, "cache_hit_rate": self.cache_hit_rate,
-            "answer_tokens": self.answer_tokens, "tokens_per_second": self.tokens_per_second,
-            "stopped_at_eos": self.stopped_at_eos, "wall_time_s": self.wall_time_s,
-        }
+        """A JSON-friendly summary: every per-row list and scalar, plus the derived rates."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if not isinstance(getattr(self, f.name), Tensor)}
+        derived = ("nfe", "batch_nfe", "cache_hit_rate", "mean_block_size",
+                   "mean_tokens_per_step", "tokens_per_second")
+        out.update({name: getattr(self, name) for name in derived})
+        out["total_adaptations"] = sum(self.adaptations)
+        return out
 
 
 def compare(baseline: DecodeResult, candidate: DecodeResult) -> dict[str, float]:
@@ -239,6 +239,10 @@ class _Decoder:
         hit = cand.any(0).nonzero()[:, 0]
         c0, c1 = int(hit.min()), int(hit.max()) + 1
         cand, logits, span_cols = cand[:, c0:c1], logits[:, c0:c1], cols[c0:c1]
+        # Never predict the mask token: "committing" it would leave the position masked, and a
+        # threshold policy could then loop forever (the reference would silently stall).
+        if self.mask_id < logits.shape[-1]:
+            logits[..., self.mask_id] = -math.inf
         logp = torch.log_softmax(logits.double(), dim=-1)
         n_real = self.am[rows][:, cols].sum(-1)
         noise_offset = cols.numel() - n_real
@@ -330,7 +334,13 @@ class _Decoder:
                 self.stopped[r] = True
 
     def run(self) -> None:
+        iterations = 0
         while any(self.active):
+            # Every step commits ≥ 1 token per active row, so more steps than answer positions
+            # means a policy that stopped making progress.
+            iterations += 1
+            if iterations > self.gen:
+                raise RuntimeError(f"{self.policy.name}: no progress after {self.gen} steps")
             groups: dict[Plan, list[int]] = {}
             for r in range(self.b):
                 if self.active[r]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.common.io import atomic_write_json, atomic_write_text
+from toolkit.common.io import atomic_write_json, atomic_write_text, json_default
 
 SCHEMA_VERSION = 1
 PACKAGES = ("torch", "lightning", "transformers", "torchmetrics", "onnxruntime", "sacrebleu",
@@ -98,19 +98,9 @@ def write_results(run_dir: str | Path, method: str, metrics: dict[str, Any],
         "metrics": metrics, "timings": timings, **(extra or {}),
     }
     atomic_write_text(run_dir / "examples.jsonl",
-                      "".join(json.dumps(r, sort_keys=True, default=_plain) + "\n" for r in rows))
-    atomic_write_json(run_dir / "results.json", json.loads(json.dumps(results, default=_plain)))
+                      "".join(json.dumps(r, sort_keys=True, default=json_default) + "\n" for r in rows))
+    atomic_write_json(run_dir / "results.json", json.loads(json.dumps(results, default=json_default)))
     return run_dir / "results.json"
-
-
-def _plain(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
