@@ -60,8 +60,10 @@ def zoo_pull(name: str, force: bool = False, wheel_dir: str | None = None,
 def _extra_commands() -> dict[str, Any]:
     from toolkit.cascade.labelling import label
     from toolkit.cascade.onnx_export import export
+    from toolkit.qstar.generate_data import generate
 
-    return {"zoo": {"list": zoo_list, "pull": zoo_pull}, "label": label, "export": export}
+    return {"zoo": {"list": zoo_list, "pull": zoo_pull}, "label": label, "export": export,
+            "generate": generate}
 
 
 # ------------------------------------------------------------------ lightning
@@ -164,6 +166,7 @@ Toolkit subcommands:
   zoo pull   download, verify, assemble and convert a zoo model
   label      run every stage of a cascade over a task and write labelled records
   export     export a predictor checkpoint to ONNX (parity-checked, timed), optionally publish
+  generate   plain or q* generation into resumable OpenAI-format JSONL
 """
 
 

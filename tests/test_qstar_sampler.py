@@ -1,0 +1,111 @@
+"""The q* sampler on tiny models sharing a tokenizer: limits, exact sampling, resumable output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import REPO
+from toolkit.common.io import read_jsonl
+from toolkit.generation.base import DecodingConfig, GenerationRequest
+from toolkit.generation.hf_backend import TransformersBackend
+from toolkit.generation.sampling import make_generator
+from toolkit.qstar.sampler import QStarSampler, VocabularyMismatchError
+
+PROMPTS = ["hello there", "def add(a, b):", "The answer is", "Name three colors"]
+
+
+@pytest.mark.parametrize("alpha,which", [(1.0, "theta"), (0.0, "t")])
+def test_greedy_alpha_limits_equal_each_model(tiny_lm, tiny_lm_b, alpha, which):
+    q = QStarSampler(str(tiny_lm), str(tiny_lm_b), "fixed", fixed_alpha=alpha)
+    cfg = DecodingConfig(max_new_tokens=8)
+    got = q.generate([GenerationRequest(p) for p in PROMPTS], cfg, batch_size=2)
+    ref_model = tiny_lm if which == "theta" else tiny_lm_b
+    ref = TransformersBackend(str(ref_model)).generate(
+        [GenerationRequest(p) for p in PROMPTS], cfg, batch_size=4)
+    assert [o.token_ids.tolist() for o in got] == [o.token_ids.tolist() for o in ref]
+    assert np.allclose(got[0].extra["alpha"], alpha)
+
+
+def test_kl_symmetry_diagnostics_recorded(tiny_lm, tiny_lm_b):
+    q = QStarSampler(str(tiny_lm), str(tiny_lm_b), "kl_symmetry")
+    out = q.generate([GenerationRequest(PROMPTS[0], seed=3)],
+                     DecodingConfig(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=1))[0]
+    for key in ("alpha", "kl_theta", "kl_t", "ess_ratio", "kl_theta_sampled", "meets_kl"):
+        assert len(out.extra[key]) == out.generated_tokens
+    assert np.abs(out.extra["kl_theta"] - out.extra["kl_t"]).max() < 1e-5
+
+
+def test_sampled_frequencies_match_exact_q(tiny_lm, tiny_lm_b):
+    q = QStarSampler(str(tiny_lm), str(tiny_lm_b), "entropy")
+    torch.manual_seed(0)
+    V = q.theta.info.vocab_size
+    la, lb = torch.randn(1, V) * 2, torch.randn(1, V) * 2
+    n = 20000
+    cfg = DecodingConfig(temperature=1.0, top_k=20, seed=5)
+    rows = [make_generator(5, i) for i in range(n)]
+    nxt, logq, _ = q.picker([la.expand(n, V), lb.expand(n, V)], cfg, rows)
+    freq = torch.bincount(nxt, minlength=V).double() / n
+    exact = logq[0].double().exp()
+    assert (freq[exact == 0] == 0).all()  # never outside the top-k of q
+    # 4 standard errors of a binomial proportion, per token.
+    se = (exact * (1 - exact) / n).sqrt()
+    assert ((freq - exact).abs() <= 4 * se + 1e-4).all()
+
+
+def test_vocabulary_mismatch_is_refused(tiny_lm, tmp_path):
+    from toolkit.models.tiny import make_tiny_causal_lm
+
+    other = make_tiny_causal_lm(tmp_path / "other", seed=2, vocab_size=300)
+    with pytest.raises(VocabularyMismatchError, match="do not share a tokenizer"):
+        QStarSampler(str(tiny_lm), str(other))
+
+
+def _gen_cmd(tiny_lm, tiny_lm_b, src, out):
+    return [sys.executable, "cli.py", "generate", "--dataset", str(src), "--output", str(out),
+            "--model_theta", str(tiny_lm), "--model_t", str(tiny_lm_b), "--batch_size", "3",
+            "--decoding.max_new_tokens", "24", "--decoding.temperature", "1.0",
+            "--decoding.top_p", "0.95", "--decoding.seed", "7"]
+
+
+def test_generate_survives_sigkill_and_matches_uninterrupted(tiny_lm, tiny_lm_b, tmp_path):
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"problem": f"Compute {i} * 3.", "answer": str(3 * i),
+                                       "level": i % 3}) + "\n" for i in range(18)))
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
+    subprocess.run(_gen_cmd(tiny_lm, tiny_lm_b, src, ref), cwd=REPO, check=True,
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen(_gen_cmd(tiny_lm, tiny_lm_b, src, out), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and sum(1 for _ in open(out)) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "generation finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run(_gen_cmd(tiny_lm, tiny_lm_b, src, out), cwd=REPO, check=True,
+                   capture_output=True, timeout=300)
+    rows = sorted(read_jsonl(out), key=lambda r: r["sample_idx"])
+    assert [r["sample_idx"] for r in rows] == list(range(18))
+    assert rows == sorted(read_jsonl(ref), key=lambda r: r["sample_idx"])
+    r0 = rows[0]
+    assert r0["messages"][0] == {"role": "user", "content": "Compute 0 * 3."}
+    assert r0["messages"][1]["role"] == "assistant" and r0["original_reference"] == "0"
+    assert r0["original_level"] == 0
+    diags = list(read_jsonl(tmp_path / "out.diagnostics.jsonl"))
+    assert sorted(d["sample_idx"] for d in diags) == list(range(18))
+    assert {"alpha_mean", "ess_ratio_mean", "kl_theta_mean", "kl_t_mean"} <= set(diags[0])
+    bad = subprocess.run([*_gen_cmd(tiny_lm, tiny_lm_b, src, out)[:-2], "--decoding.seed", "8"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "different configuration" in bad.stderr

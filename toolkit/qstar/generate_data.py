@@ -1,0 +1,144 @@
+"""``python cli.py generate``: plain or q* generation into OpenAI-format JSONL, resumable.
+
+One output row per sample::
+
+    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}],
+     "sample_idx": 0, "original_<field>": ...}     (every other field of the source row)
+
+and, beside it, ``<output>.diagnostics.jsonl`` with one row per sample (α, ESS ratio and both
+KLs averaged over the sample's tokens, and the fractions of tokens meeting the seed's
+theoretical conditions) when q* is used.
+
+Resuming. Batches are fixed by sample index (batch b = samples b·B … b·B+B−1) and every
+sample draws from its own generator seeded by (seed, sample_idx), so a rerun regenerates a lost
+batch exactly. Each batch is appended to the output in one fsync'd write (the output is the
+authority on what is done); the diagnostics file is written first and cut back to the output's
+samples on resume. A file made with another configuration is refused, never mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from toolkit.common.io import JsonlAppender, atomic_write_text, read_jsonl
+from toolkit.generation.base import DecodingConfig, GenerationRequest
+
+DIAG_KEYS = ("alpha", "ess_ratio", "kl_theta", "kl_t")
+
+
+def diagnostics_path(output: Path) -> Path:
+    return output.with_name(output.stem + ".diagnostics.jsonl")
+
+
+def _sample_diagnostics(idx: int, out: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"sample_idx": idx, "tokens": out.generated_tokens}
+    for key in DIAG_KEYS:
+        arr = out.extra.get(key)
+        if arr is not None and len(arr):
+            row[f"{key}_mean"] = float(np.mean(arr))
+    for key, arr in out.extra.items():
+        if key.startswith("meets_") and len(arr):
+            row[f"frac_{key}"] = float(np.mean(arr))
+    return row
+
+
+def generate(dataset: str, output: str, model: str | None = None,
+             model_theta: str | None = None, model_t: str | None = None,
+             alpha_method: str = "kl_symmetry", fixed_alpha: float = 0.5,
+             num_samples: int | None = None, batch_size: int = 8,
+             decoding: DecodingConfig | None = None, prompt_field: str | None = None,
+             reference_field: str | None = None, dtype: str = "float32",
+             device: str = "cpu", save_diagnostics: bool = True) -> dict[str, Any]:
+    """Generate one answer per prompt of a dataset, with one model or with q* of two.
+
+    Args:
+        dataset: a task name (humaneval, gsm_symbolic), a .jsonl/.json/.parquet file, or a hub
+            id (online); the prompt field is detected (prompt, question, instruction, problem,
+            input, query, or OpenAI messages) unless prompt_field is given.
+        output: the JSONL file to write (resumable).
+        model: plain generation with this model (zoo:<slug>, folder or hub id).
+        model_theta: q*: π_θ (the current policy).
+        model_t: q*: π_t (the target); must share π_θ's tokenizer.
+        alpha_method: q*: fixed | entropy | kl_symmetry.
+        fixed_alpha: q*: α for the fixed method.
+        num_samples: the first N prompts (all when null).
+        batch_size: samples per batch (and per resumable write).
+        decoding: temperature, top-p, top-k, max_new_tokens, seed, ...
+        prompt_field: override prompt-field detection.
+        reference_field: override reference-field detection.
+        dtype: weights dtype.
+        device: cpu or cuda.
+        save_diagnostics: write <output>.diagnostics.jsonl (q* only).
+    """
+    from tqdm import tqdm
+
+    from toolkit.tasks import build_task
+
+    decoding = decoding or DecodingConfig(temperature=1.0)
+    if (model is None) == (model_theta is None or model_t is None):
+        raise ValueError("give either --model (plain) or both --model_theta and --model_t (q*)")
+    options = {k: v for k, v in (("prompt_field", prompt_field),
+                                 ("reference_field", reference_field)) if v}
+    task = build_task(dataset, **options)
+    examples = task.examples()[: num_samples or None]
+    config = {"dataset": dataset, "model": model, "model_theta": model_theta,
+              "model_t": model_t, "alpha_method": alpha_method if model is None else None,
+              "fixed_alpha": fixed_alpha, "batch_size": batch_size,
+              "decoding": asdict(decoding), "prompt_field": prompt_field, "dtype": dtype}
+    out_path = Path(output)
+    writer = JsonlAppender(out_path, "sample_idx", config)
+    done = writer.done_keys()
+    diag_path = diagnostics_path(out_path)
+    if diag_path.exists():  # keep only the samples the output holds (see module docstring)
+        kept = [r for r in read_jsonl(diag_path) if r["sample_idx"] in done]
+        atomic_write_text(diag_path, "".join(json.dumps(r) + "\n" for r in kept))
+    diags = JsonlAppender(diag_path, "sample_idx") if model is None and save_diagnostics \
+        else None
+    if model is not None:
+        from toolkit.generation.hf_backend import TransformersBackend
+
+        engine: Any = TransformersBackend(model, dtype=dtype, device=device)
+    else:
+        from toolkit.qstar.sampler import QStarSampler
+
+        engine = QStarSampler(model_theta, model_t, alpha_method, fixed_alpha, dtype, device)
+    batches = [list(range(b, min(b + batch_size, len(examples))))
+               for b in range(0, len(examples), batch_size)]
+    todo = [b for b in batches if any(i not in done for i in b)]
+    bar = tqdm(total=sum(len(b) for b in todo), desc="generate", unit="sample", file=sys.stderr)
+    t0, made = time.perf_counter(), 0
+    for batch in todo:
+        # The whole batch is regenerated (fixed by index) so its samples match an
+        # uninterrupted run even if part of it was written before a kill.
+        reqs = [GenerationRequest(examples[i].prompt, seed=i) for i in batch]
+        outs = engine.generate(reqs, decoding, batch_size=batch_size)
+        rows, drows = [], []
+        for i, o in zip(batch, outs):
+            if i in done:
+                continue
+            ex = examples[i]
+            row = {"messages": [{"role": "user", "content": ex.prompt},
+                                {"role": "assistant", "content": o.text}], "sample_idx": i,
+                   "original_id": ex.id}
+            if ex.reference is not None:
+                row["original_reference"] = ex.reference
+            row.update({f"original_{k}": v for k, v in ex.meta.items()})
+            rows.append(row)
+            drows.append(_sample_diagnostics(i, o))
+        if diags is not None:
+            diags.append(drows)
+        writer.append(rows)
+        done.update(batch)
+        made += len(rows)
+        bar.update(len(rows))
+        bar.set_postfix(samples_per_min=f"{60 * made / (time.perf_counter() - t0):.1f}")
+    bar.close()
+    return {"output": str(out_path), "written": made, "total": len(done),
+            "skipped_rows": len(task.skipped)}
