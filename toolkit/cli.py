@@ -60,10 +60,11 @@ def zoo_pull(name: str, force: bool = False, wheel_dir: str | None = None,
 def _extra_commands() -> dict[str, Any]:
     from toolkit.cascade.labelling import label
     from toolkit.cascade.onnx_export import export
+    from toolkit.qstar.analyze import analyze
     from toolkit.qstar.generate_data import generate
 
     return {"zoo": {"list": zoo_list, "pull": zoo_pull}, "label": label, "export": export,
-            "generate": generate}
+            "generate": generate, "analyze": analyze}
 
 
 # ------------------------------------------------------------------ lightning
@@ -167,6 +168,7 @@ Toolkit subcommands:
   label      run every stage of a cascade over a task and write labelled records
   export     export a predictor checkpoint to ONNX (parity-checked, timed), optionally publish
   generate   plain or q* generation into resumable OpenAI-format JSONL
+  analyze    q* diagnostics: statistics, the seed's condition checks, plots, files side by side
 """
 
 
