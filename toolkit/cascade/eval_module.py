@@ -19,7 +19,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from torch.utils.data import DataLoader
 
 from toolkit.cascade import replay
-from toolkit.evaluation.results import gather_rows, metric, paired_difference, write_results
+from toolkit.evaluation.results import collect_rows, metric, paired_difference, write_results
 
 FIXED = ("always-top", "always-first", "fixed-2stage", "oracle", "oracle-route")
 METHODS = (*FIXED, "random", "threshold", "cascade")
@@ -113,11 +113,10 @@ class CascadeReplayEval(LightningModule):
 
     # -------------------------------------------------------------- results
     def on_test_epoch_end(self) -> None:
-        rows = {r["id"]: r for r in gather_rows(self.rows)}  # samplers may repeat a prompt
+        rows_sorted = collect_rows(self.rows, self.trainer.global_rank)
         self.rows = []
-        if self.trainer.global_rank != 0:
+        if rows_sorted is None:
             return
-        rows_sorted = [rows[k] for k in sorted(rows)]
         metrics = self._metrics(rows_sorted)
         run_dir = Path(self.trainer.log_dir or ".")
         extra = {"comparison": self._comparison(), "curve": getattr(self, "curve", None)}

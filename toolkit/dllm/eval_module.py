@@ -36,7 +36,7 @@ from toolkit.dllm.tasks_data import (
     make_problems,
     score,
 )
-from toolkit.evaluation.results import gather_rows, metric, write_results
+from toolkit.evaluation.results import collect_rows, metric, write_results
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -247,11 +247,10 @@ class DiffusionDecodeEval(LightningModule):
         return True
 
     def on_test_epoch_end(self) -> None:
-        rows = {r["id"]: r for r in gather_rows(self.rows)}  # samplers may repeat a problem
+        rows_sorted = collect_rows(self.rows, self.trainer.global_rank)
         self.rows = []
-        if self.trainer.global_rank != 0:
+        if rows_sorted is None:
             return
-        rows_sorted = [rows[k] for k in sorted(rows)]
         hp, dm = self.hparams, self.trainer.datamodule
         metrics = summarise(rows_sorted)
         families = sorted({r["family"] for r in rows_sorted})

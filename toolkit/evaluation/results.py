@@ -116,3 +116,12 @@ def gather_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def collect_rows(rows: list[dict[str, Any]], global_rank: int) -> list[dict[str, Any]] | None:
+    """Every rank's rows, de-duplicated by id (samplers may repeat an example to even out
+    ranks) and sorted by id, on rank 0; None on the other ranks."""
+    merged = {r["id"]: r for r in gather_rows(rows)}
+    if global_rank != 0:
+        return None
+    return [merged[k] for k in sorted(merged)]

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch.utils.data import DataLoader
 
-from toolkit.evaluation.results import gather_rows, metric, write_results
+from toolkit.evaluation.results import collect_rows, metric, write_results
 from toolkit.generation.base import DecodingConfig, GenerationRequest
 
 METHODS = {"qstar": "kl_symmetry", "qstar-fixed": "fixed", "qstar-entropy": "entropy",
@@ -138,11 +138,10 @@ class QStarEval(LightningModule):
             self.rows.append(row)
 
     def on_test_epoch_end(self) -> None:
-        rows = {r["id"]: r for r in gather_rows(self.rows)}  # samplers may repeat a problem
+        ordered = collect_rows(self.rows, self.trainer.global_rank)
         self.rows = []
-        if self.trainer.global_rank != 0:
+        if ordered is None:
             return
-        ordered = [rows[k] for k in sorted(rows)]
         per_token = [r.pop("_tokens") for r in ordered]
         metrics = self._metrics(ordered)
         run_dir = Path(self.trainer.log_dir or ".")
