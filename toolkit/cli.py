@@ -18,6 +18,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 FIT_DEFAULT = CONFIGS / "cascade" / "fit.yaml"
+SERVE_DEFAULT = CONFIGS / "serve" / "default.yaml"
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -62,9 +63,10 @@ def _extra_commands() -> dict[str, Any]:
     from toolkit.cascade.onnx_export import export
     from toolkit.qstar.analyze import analyze
     from toolkit.qstar.generate_data import generate
+    from toolkit.serving.server import serve
 
     return {"zoo": {"list": zoo_list, "pull": zoo_pull}, "label": label, "export": export,
-            "generate": generate, "analyze": analyze}
+            "generate": generate, "analyze": analyze, "serve": serve}
 
 
 # ------------------------------------------------------------------ lightning
@@ -169,6 +171,8 @@ Toolkit subcommands:
   export     export a predictor checkpoint to ONNX (parity-checked, timed), optionally publish
   generate   plain or q* generation into resumable OpenAI-format JSONL
   analyze    q* diagnostics: statistics, the seed's condition checks, plots, files side by side
+  serve      serve a cascade bundle over HTTP (default: --config configs/serve/default.yaml);
+             `serve --build_bundle true` builds the bundle the config names
 """
 
 
@@ -185,6 +189,9 @@ def main(args: list[str] | None = None) -> Any:
             raise UserError(f"unknown subcommand {args[0]!r}; see `python cli.py --help`")
         from jsonargparse import CLI
 
+        has_config = any(a == "--config" or a.startswith("--config=") for a in args)
+        if args[0] == "serve" and not has_config and not {"-h", "--help"} & set(args):
+            args = [args[0], "--config", str(SERVE_DEFAULT), *args[1:]]
         # `zoo pull NAME` takes its name positionally; everything else is a --flag.
         return CLI(extra, args=args, as_positional=args[0] == "zoo")
     except UserError as err:
@@ -202,9 +209,10 @@ def _is_user_error(err: Exception) -> bool:
     from toolkit.common.io import ResumeMismatchError
     from toolkit.models.loading import ModelLoadError
     from toolkit.models.zoo import ZooError
+    from toolkit.serving.bundle import BundleError
 
     types: tuple[type, ...] = (ZooError, ModelLoadError, ResumeMismatchError, CheckpointError,
-                               PredictorFileError, FeatureSchemaError)
+                               PredictorFileError, FeatureSchemaError, BundleError)
     try:
         from toolkit.tasks.base import TaskError
 

@@ -10,7 +10,7 @@ ONNX predictor, and each one stops or moves on.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +18,13 @@ import numpy as np
 
 from toolkit.cascade.features import record_features
 from toolkit.cascade.onnx_runtime import OnnxQualityPredictor
-from toolkit.cascade.stopping import StoppingPolicy
-from toolkit.generation.base import DecodingConfig, GenerationRequest, call_cost
+from toolkit.cascade.stopping import Decision, History, StoppingPolicy
+from toolkit.generation.base import (
+    DecodingConfig,
+    GenerationOutput,
+    GenerationRequest,
+    call_cost,
+)
 
 
 @dataclass
@@ -33,6 +38,16 @@ class StageTrace:
     cost_flops: float
     generated_tokens: int
     wall_s: float
+
+
+@dataclass
+class StageStep:
+    """One prompt's outcome at one stage: its trace entry, the decision, the new history."""
+
+    trace: StageTrace
+    decision: Decision
+    history: History
+    output: GenerationOutput
 
 
 @dataclass
@@ -72,38 +87,59 @@ class LiveCascade:
         t0 = time.perf_counter()
         groups = list(groups) if groups is not None else [""] * len(prompts)
         at = {i: self.policy.first_stage(groups[i]) for i in range(len(prompts))}
-        hist: dict[int, tuple] = {i: () for i in range(len(prompts))}
+        hist: dict[int, History] = {i: () for i in range(len(prompts))}
         traces: dict[int, list[StageTrace]] = {i: [] for i in range(len(prompts))}
         done: dict[int, CascadeResult] = {}
-        for k, backend in enumerate(self.backends):
+        for k in range(len(self.backends)):
             waiting = [i for i in at if i not in done and at[i] == k]
             if not waiting:
                 continue
-            outs = backend.generate([GenerationRequest(prompts[i]) for i in waiting],
-                                    self.decoding, batch_size=self.batch_size)
-            feats = np.stack([record_features(self._record(k, o), self.predictor.schema)
-                              for o in outs])
-            probs = self.predictor.predict(feats, self.predictor.schema)[:, 0]
-            for i, o, p in zip(waiting, outs, probs):
-                hist[i] = (*hist[i], (k, self.policy.bin_of(k, float(p))))
-                d = self.policy.decide(k, hist[i])
-                why = (f"stop: λ(1-acc)={d.stop_value:.3f} <= best continuation "
-                       f"{d.go_value:.3f}" if d.action == "stop" and k < len(self.backends) - 1
-                       else "top stage" if d.action == "stop"
-                       else f"go to stage {d.next_stage}: continuation {d.go_value:.3f} < "
-                            f"stop {d.stop_value:.3f}")
-                cost = call_cost(backend.info.non_embedding_params, o.prompt_tokens,
-                                 o.generated_tokens)
-                traces[i].append(StageTrace(k, backend.info.slug, o.text, float(p), d.action,
-                                            why, cost, o.generated_tokens, o.wall_s))
-                if d.action == "stop":
+            steps = self.run_stage(k, [GenerationRequest(prompts[i]) for i in waiting],
+                                   [hist[i] for i in waiting])
+            for i, st in zip(waiting, steps):
+                hist[i] = st.history
+                traces[i].append(st.trace)
+                if st.decision.action == "stop":
                     tr = traces[i]
-                    done[i] = CascadeResult(o.text, k, [t.p for t in tr],
+                    done[i] = CascadeResult(st.trace.output, k, [t.p for t in tr],
                                             sum(t.cost_flops for t in tr),
                                             1000 * (time.perf_counter() - t0), tr)
                 else:
-                    at[i] = d.next_stage
+                    at[i] = st.decision.next_stage
         return [done[i] for i in range(len(prompts))]
+
+    def run_stage(self, k: int, requests: Sequence[GenerationRequest],
+                  histories: Sequence[History], decoding: DecodingConfig | None = None,
+                  on_step: Callable[[list[int], list[int]], None] | None = None
+                  ) -> list[StageStep]:
+        """Generate stage k's answers for a batch, score them and decide for each.
+
+        The one decision step, shared by ``run`` and the HTTP server's per-stage micro-batches
+        (which pass each request's own history and budget, and ``on_step`` to stream the top
+        stage's tokens as they are decoded).
+        """
+        backend = self.backends[k]
+        extra = {"on_step": on_step} if on_step is not None else {}
+        outs = backend.generate(list(requests), decoding or self.decoding,
+                                batch_size=self.batch_size, **extra)
+        feats = np.stack([record_features(self._record(k, o), self.predictor.schema)
+                          for o in outs])
+        probs = self.predictor.predict(feats, self.predictor.schema)[:, 0]
+        steps = []
+        for h, o, p in zip(histories, outs, probs):
+            history = (*h, (k, self.policy.bin_of(k, float(p))))
+            d = self.policy.decide(k, history)
+            why = (f"stop: λ(1-acc)={d.stop_value:.3f} <= best continuation "
+                   f"{d.go_value:.3f}" if d.action == "stop" and k < len(self.backends) - 1
+                   else "top stage" if d.action == "stop"
+                   else f"go to stage {d.next_stage}: continuation {d.go_value:.3f} < "
+                        f"stop {d.stop_value:.3f}")
+            cost = call_cost(backend.info.non_embedding_params, o.prompt_tokens,
+                             o.generated_tokens)
+            steps.append(StageStep(StageTrace(k, backend.info.slug, o.text, float(p), d.action,
+                                              why, cost, o.generated_tokens, o.wall_s),
+                                   d, history, o))
+        return steps
 
     @staticmethod
     def _record(stage: int, out: Any) -> dict[str, Any]:

@@ -119,8 +119,14 @@ class DecodeLoop:
     @torch.inference_mode()
     def run(self, prompts: list[list[int]], budgets: list[int], seeds: list[int],
             config: DecodingConfig, max_active: int = 8,
-            decode: Callable[[np.ndarray], str] | None = None) -> list[GenerationOutput]:
-        """Decode every prompt; ``wall_s`` runs from a request's prefill to its last token."""
+            decode: Callable[[np.ndarray], str] | None = None,
+            on_step: Callable[[list[int], list[int]], None] | None = None
+            ) -> list[GenerationOutput]:
+        """Decode every prompt; ``wall_s`` runs from a request's prefill to its last token.
+
+        ``on_step(request indices, token ids)``, if given, is called after every step with the
+        token each decoding row just emitted (the server streams the top stage live with it).
+        """
         t0 = time.perf_counter()
         n, dev = len(prompts), self.device
         queue = sorted(range(n), key=lambda i: len(prompts[i]))
@@ -156,6 +162,8 @@ class DecodeLoop:
             rows = None if generators is None else [generators[i] for i in active.tolist()]
             nxt, logprobs, extra = self.picker(logits, config, rows)
             buf_ids[active, steps] = nxt
+            if on_step is not None:
+                on_step(active.tolist(), nxt.tolist())
             if config.token_stats:
                 record(token_stats(logprobs, nxt, k))
             record(extra)

@@ -11,7 +11,7 @@ loop itself lives in ``decode_loop.py``, shared with the q* sampler. ``benchmark
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -24,6 +24,8 @@ from toolkit.generation.base import (
 )
 from toolkit.generation.decode_loop import DecodeLoop
 from toolkit.models import loading
+
+OnStep = Callable[[list[int], list[int]], None]
 
 
 class ContextLengthError(ValueError):
@@ -96,7 +98,7 @@ class TransformersBackend:
 
     # -------------------------------------------------------------- generation
     def generate(self, requests: Sequence[GenerationRequest], config: DecodingConfig,
-                 batch_size: int = 8) -> list[GenerationOutput]:
+                 batch_size: int = 8, on_step: OnStep | None = None) -> list[GenerationOutput]:
         encoded = [self.encode(r.prompt, config) for r in requests]
         budgets = [r.max_new_tokens or config.max_new_tokens for r in requests]
         for i, (ids, budget) in enumerate(zip(encoded, budgets)):
@@ -107,14 +109,20 @@ class TransformersBackend:
             if not ids:
                 raise ValueError(f"request {i}: empty prompt")
         seeds = [r.seed if r.seed is not None else i for i, r in enumerate(requests)]
-        return self.generate_ids(encoded, budgets, seeds, config, max_active=batch_size)
+        return self.generate_ids(encoded, budgets, seeds, config, max_active=batch_size,
+                                 on_step=on_step)
 
     def generate_ids(self, prompts: list[list[int]], budgets: list[int], seeds: list[int],
-                     config: DecodingConfig, max_active: int = 8) -> list[GenerationOutput]:
-        """Decode token-id prompts with continuous batching (``DecodeLoop``)."""
+                     config: DecodingConfig, max_active: int = 8,
+                     on_step: OnStep | None = None) -> list[GenerationOutput]:
+        """Decode token-id prompts with continuous batching (``DecodeLoop``).
+
+        ``on_step(request indices, token ids)`` sees each step's tokens (live streaming).
+        """
         loop = DecodeLoop([self.model], self.tokenizer.pad_token_id, self.eos_ids, self.device)
         return loop.run(prompts, budgets, seeds, config, max_active,
-                        decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True))
+                        decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+                        on_step=on_step)
 
 
 def plain_generate_kwargs(config: DecodingConfig) -> dict:

@@ -1,0 +1,266 @@
+"""Per-stage dynamic micro-batching for the live cascade, on one engine thread.
+
+Requests wait in one queue per stage. The engine thread repeatedly picks the stage whose oldest
+request has waited longest, lets more requests join for a short window (``wait_ms``, only if
+that request has not already waited that long and the batch is not full), and runs the batch
+through ``LiveCascade.run_stage``: the same generate → score → decide step as offline runs and
+replay, so the server makes the decisions the tests check against replay. Each request then
+stops (its answer is returned) or joins the next stage's queue with its history. Inside a
+batch the shared decode loop batches continuously: a finished answer leaves at once.
+
+Why one thread for all stages: on a CPU the stages compete for the same cores, so running two
+stage batches at once only interleaves them; one thread with all cores keeps each batch fast.
+(A multi-GPU deployment would give each stage its own device and thread.)
+
+Streaming: an answer is streamed only once it is certain to be returned. The top stage always
+returns, so its tokens stream as they are decoded (``on_step`` hook of the decode loop); a
+lower stage's answer is sent in one piece after the policy accepts it.
+
+Results cross back to the asyncio loop with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from toolkit.cascade.live import LiveCascade, StageStep, StageTrace
+from toolkit.cascade.stopping import History
+from toolkit.generation.base import GenerationRequest, Messages, call_cost
+from toolkit.serving.stats import ServerStats
+
+log = logging.getLogger("toolkit.serving")
+
+
+@dataclass
+class JobResult:
+    text: str
+    stopped_at_stage: int
+    stage_probabilities: list[float]
+    latency_ms: float
+    cost_flops: float
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (the model ended) | "length"
+    trace: list[dict[str, Any]]
+
+
+@dataclass
+class Job:
+    """One request travelling through the stages."""
+
+    prompt: str | Messages
+    max_tokens: int
+    temperature: float
+    top_p: float
+    loop: asyncio.AbstractEventLoop
+    done: asyncio.Future
+    events: asyncio.Queue | None = None
+    """Stream events ("delta", text) / ("end", JobResult) / ("error", message), or None."""
+    seed: int = 0
+    arrived: float = field(default_factory=time.perf_counter)
+    enqueued: float = 0.0
+    stage: int = 0
+    history: History = ()
+    traces: list[StageTrace] = field(default_factory=list)
+    cancelled: bool = False
+    sent_text: str = ""
+    first_token_s: float | None = None
+
+
+class CascadeEngine:
+    """Queues, the engine thread and the hand-back of results (see the module docstring).
+
+    Args:
+        cascade: the live cascade (backends, ONNX predictor, stopping policy, decoding).
+        stats: where completions, batches and queue depth are counted.
+        max_batch: most requests in one stage batch (also the decode loop's active rows).
+        wait_ms: how long the oldest request may wait for others to join its batch.
+        max_queue: most requests in the system (queued + running); beyond it, 503.
+    """
+
+    def __init__(self, cascade: LiveCascade, stats: ServerStats, max_batch: int = 8,
+                 wait_ms: float = 10.0, max_queue: int = 64) -> None:
+        self.cascade, self.stats = cascade, stats
+        self.max_batch, self.wait_s, self.max_queue = max_batch, wait_ms / 1000, max_queue
+        self.cascade.batch_size = max_batch
+        self.top = len(cascade.backends) - 1
+        self.top_params = cascade.backends[-1].info.non_embedding_params
+        self.queues: list[deque[Job]] = [deque() for _ in cascade.backends]
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._loop, name="cascade-engine", daemon=True)
+        self.thread.start()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Refuse new requests, finish the queued ones, stop the thread."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def submit(self, job: Job) -> bool:
+        """Queue a job at its entry stage; False when the system is full (caller sends 503)."""
+        with self.cond:
+            if self.stopping or self.stats.in_flight >= self.max_queue:
+                return False
+            job.stage = self.cascade.policy.first_stage("")
+            job.enqueued = time.perf_counter()
+            self.queues[job.stage].append(job)
+            self.stats.in_flight += 1
+            self.stats.queue_depth += 1
+            self.cond.notify_all()
+        return True
+
+    def cancel(self, job: Job) -> None:
+        """The client gave up (timeout/disconnect): drop the job when the engine next sees it."""
+        with self.cond:
+            job.cancelled = True
+
+    # ----------------------------------------------------------------- thread
+    def _loop(self) -> None:
+        while True:
+            picked = self._next_batch()
+            if picked is None:
+                return
+            try:
+                self._run(*picked)
+            except Exception:  # never let one bad batch kill the engine thread
+                log.exception("engine: batch failed")
+                for job in picked[1]:
+                    self._fail(job, "internal error while generating (see the server log)")
+
+    def _next_batch(self) -> tuple[int, list[Job]] | None:
+        with self.cond:
+            while True:
+                for q in self.queues:
+                    for job in [j for j in q if j.cancelled]:
+                        q.remove(job)
+                        self.stats.queue_depth -= 1
+                        self.stats.in_flight -= 1
+                heads = [(q[0].arrived, k) for k, q in enumerate(self.queues) if q]
+                if not heads:
+                    if self.stopping:
+                        return None
+                    self.cond.wait()
+                    continue
+                k = min(heads)[1]
+                q = self.queues[k]
+                remaining = q[0].enqueued + self.wait_s - time.perf_counter()
+                if len(q) < self.max_batch and remaining > 0 and not self.stopping:
+                    self.cond.wait(remaining)
+                    continue
+                # One batch shares one sampling setting; others wait for the next batch.
+                key = (q[0].temperature, q[0].top_p)
+                batch, rest = [], []
+                while q and len(batch) < self.max_batch:
+                    job = q.popleft()
+                    (batch if (job.temperature, job.top_p) == key else rest).append(job)
+                q.extendleft(reversed(rest))
+                self.stats.queue_depth -= len(batch)
+                return k, batch
+
+    def _run(self, k: int, batch: list[Job]) -> None:
+        decoding = replace(self.cascade.decoding, temperature=batch[0].temperature,
+                           top_p=batch[0].top_p)
+        requests = [GenerationRequest(j.prompt, seed=j.seed, max_new_tokens=j.max_tokens)
+                    for j in batch]
+        streaming = {i: j for i, j in enumerate(batch) if j.events is not None and k == self.top}
+        on_step = self._streamer(k, streaming) if streaming else None
+        self.stats.batch(k, len(batch))
+        steps = self.cascade.run_stage(k, requests, [j.history for j in batch], decoding,
+                                       on_step)
+        for job, st in zip(batch, steps):
+            job.history = st.history
+            job.traces.append(st.trace)
+            if st.decision.action == "stop":
+                self._finish(job, k, st)
+                continue
+            with self.cond:
+                if job.cancelled:
+                    self.stats.in_flight -= 1
+                    continue
+                job.stage, job.enqueued = st.decision.next_stage, time.perf_counter()
+                self.queues[job.stage].append(job)
+                self.stats.queue_depth += 1
+                self.cond.notify_all()
+
+    def _streamer(self, k: int, jobs: dict[int, Job]) -> Any:
+        """The decode loop's per-step hook: send each streaming job its new text."""
+        tokenizer = self.cascade.backends[k].tokenizer
+        ids: dict[int, list[int]] = {i: [] for i in jobs}
+
+        def on_step(rows: list[int], tokens: list[int]) -> None:
+            for i, tok in zip(rows, tokens):
+                job = jobs.get(i)
+                if job is None or job.cancelled:
+                    continue
+                ids[i].append(tok)
+                text = tokenizer.decode(ids[i], skip_special_tokens=True)
+                if text.endswith("\ufffd") or not text.startswith(job.sent_text):
+                    continue  # an incomplete UTF-8 character: wait for the next token
+                self._send_delta(job, text[len(job.sent_text):])
+
+        return on_step
+
+    # ------------------------------------------------------------ hand-back
+    def _send_delta(self, job: Job, delta: str) -> None:
+        if not delta:
+            return
+        job.sent_text += delta
+        if job.first_token_s is None:
+            job.first_token_s = time.perf_counter() - job.arrived
+            self.stats.first_token(job.first_token_s)
+        job.loop.call_soon_threadsafe(job.events.put_nowait, ("delta", delta))
+
+    def _finish(self, job: Job, k: int, st: StageStep) -> None:
+        with self.cond:
+            self.stats.in_flight -= 1
+            if job.cancelled:
+                return
+        out = st.output
+        latency = time.perf_counter() - job.arrived
+        cost = sum(t.cost_flops for t in job.traces)
+        top_cost = st.trace.cost_flops if k == self.top else call_cost(
+            self.top_params, out.prompt_tokens, out.generated_tokens)
+        result = JobResult(
+            text=st.trace.output, stopped_at_stage=k,
+            stage_probabilities=[t.p for t in job.traces], latency_ms=1000 * latency,
+            cost_flops=cost, prompt_tokens=out.prompt_tokens,
+            completion_tokens=out.generated_tokens,
+            finish_reason="length" if out.stop_reason == "length" else "stop",
+            trace=[{"stage": t.stage, "model": t.model, "p": t.p, "decision": t.decision,
+                    "why": t.why, "generated_tokens": t.generated_tokens,
+                    "wall_s": t.wall_s} for t in job.traces])
+        self.stats.completed(k, latency, cost, top_cost, out.generated_tokens)
+        if job.events is not None:
+            if result.text.startswith(job.sent_text):
+                self._send_delta(job, result.text[len(job.sent_text):])
+            job.loop.call_soon_threadsafe(job.events.put_nowait, ("end", result))
+        job.loop.call_soon_threadsafe(_resolve, job.done, result, None)
+
+    def _fail(self, job: Job, message: str) -> None:
+        with self.cond:
+            self.stats.in_flight -= 1
+        if job.events is not None:
+            job.loop.call_soon_threadsafe(job.events.put_nowait, ("error", message))
+        job.loop.call_soon_threadsafe(_resolve, job.done, None, RuntimeError(message))
+
+
+def _resolve(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
