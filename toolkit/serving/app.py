@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -74,6 +75,9 @@ def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
             yield
         finally:  # uvicorn gets here after the in-flight requests finished (graceful)
             await asyncio.to_thread(engine.shutdown, 30.0)
+            done = stats.snapshot()["requests"]
+            print(f"shutdown: engine stopped; {done['ok']} requests answered, "
+                  f"{done['in_flight']} left in flight", file=sys.stderr, flush=True)
 
     app = FastAPI(title="Adaptive cascade server", lifespan=lifespan, version="1",
                   description="Serves a cascade bundle: small models answer first, a learned "
