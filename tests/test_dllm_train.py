@@ -30,6 +30,7 @@ from toolkit.dllm.train_module import (
     forward_process,
     load_diffusion_checkpoint,
     load_diffusion_checkpoint_with_meta,
+    sample_t,
 )
 
 torch.set_num_threads(1)
@@ -98,6 +99,30 @@ def test_loss_is_ce_over_masked_weighted_by_one_over_t():
     bad = logits.clone()
     bad[~masked] = torch.randn_like(bad[~masked]) * 10
     assert diffusion_loss(bad, ids, masked, t, ans).item() == pytest.approx(loss.item())
+
+
+def test_unweighted_loss_and_stratified_t():
+    b = _batch()
+    ids, ans = b["input_ids"], b["answer_mask"]
+    vocab = CharTokenizer().vocab_size
+    _, masked = forward_process(ids, ans, torch.tensor([0.6, 0.9]),
+                                1, torch.Generator().manual_seed(3))
+    logits = torch.randn(*ids.shape, vocab, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.25, 0.5])
+    plain = diffusion_loss(logits, ids, masked, t, ans, weighting="none")
+    ce = torch.nn.functional.cross_entropy(logits[masked], ids[masked])
+    assert plain.item() == pytest.approx(ce.item(), rel=1e-6)
+    assert diffusion_loss(logits, ids, masked, t / 3, ans, "none").item() == pytest.approx(
+        plain.item())  # no 1/t factor
+    with pytest.raises(ValueError, match="weighting"):
+        diffusion_loss(logits, ids, masked, t, ans, weighting="sqrt")
+    with pytest.raises(ValueError, match="loss_weighting"):
+        MaskedDiffusionLM(d_model=16, n_layers=1, n_heads=2, mlp_hidden_size=32,
+                          loss_weighting="sqrt")
+    ts = sample_t(8, 1e-3, "cpu", torch.Generator().manual_seed(1), stratified=True)
+    # One draw in each eighth of [eps, 1): every batch spans light to heavy masking.
+    slots = sorted(((ts - 1e-3) / (1 - 1e-3) * 8).floor().long().tolist())
+    assert slots == list(range(8))
 
 
 def test_answers_are_eos_padded_and_aligned():
@@ -254,3 +279,36 @@ def test_decode_callback_restores_mode_and_runs_on_rank_zero_only():
     cb.on_validation_epoch_end(other, module)
     cb.on_validation_epoch_end(other, module)
     assert not logged
+
+
+# A timing or a wall-clock rate is the only thing allowed to differ between the two runs.
+_TIMED = {"wall_s", "tokens_per_s"}
+
+
+def _untimed(obj):
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if k not in _TIMED}
+    if isinstance(obj, list):
+        return [_untimed(v) for v in obj]
+    return obj
+
+
+@pytest.mark.slow
+def test_two_process_test_equals_one_process(debug_ckpt: Path):
+    """`test --method dllm-adaptive` over 2 CPU ranks (gloo, the Trainer's ddp_fork: the
+    Trainer shards the problems with its DistributedSampler, rank 0 gathers the rows with
+    `collect_rows`) gives the same rows and metrics as 1 process, timings aside. ~70 s."""
+    common = ("test", "--method", "dllm-adaptive", "--model.init_args.checkpoint",
+              str(debug_ckpt), "--data.init_args.n_per_family", "3")
+    out = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp_fork")):
+        proc = _cli(*common, "--trainer.devices", str(devices), "--trainer.strategy", strategy)
+        run = _line(proc, "results: ").parent
+        rows = [json.loads(x) for x in (run / "examples.jsonl").read_text().splitlines()]
+        results = json.loads((run / "results.json").read_text())
+        out[devices] = (rows, results)
+    (rows1, res1), (rows2, res2) = out[1], out[2]
+    assert len(rows1) == 12 and [r["id"] for r in rows2] == [r["id"] for r in rows1]
+    assert _untimed(rows2) == _untimed(rows1)
+    assert _untimed(res2["metrics"]) == _untimed(res1["metrics"])
+    assert res2["data"] == res1["data"]

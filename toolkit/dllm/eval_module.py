@@ -249,6 +249,8 @@ class DiffusionDecodeEval(LightningModule):
     def on_test_epoch_end(self) -> None:
         rows_sorted = collect_rows(self.rows, self.trainer.global_rank)
         self.rows = []
+        # Trainer.log_dir broadcasts under DDP: every rank must ask, not only rank 0.
+        run_dir = Path(self.trainer.log_dir or ".")
         if rows_sorted is None:
             return
         hp, dm = self.hparams, self.trainer.datamodule
@@ -258,7 +260,6 @@ class DiffusionDecodeEval(LightningModule):
                                 for f in families}
         metrics["speed_only_families"] = [f for f in families
                                           if metrics["by_family"][f]["speed_only"]]
-        run_dir = Path(self.trainer.log_dir or ".")
         extra = {"policy": self.policy.config(),
                  "lower_bound": {"block": bound_block(self.policy),
                                  "rule": "NFE >= ceil(L_eff / B), L_eff = answer tokens "

@@ -136,18 +136,20 @@ def _meta(item: dict[str, Any]) -> dict[str, Any]:
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("spell_backward", "spell_backward", "easy", 32,
-           {"min_word_len": 3, "max_word_len": 10},
+           {"min_word_len": 3, "max_word_len": 8},
            lambda it: f"spell backward: {_meta(it)['word']}"),
     Family("word_sorting", "word_sorting", "medium", 64,
-           {"min_words": 3, "max_words": 5, "min_word_length": 3, "max_word_length": 8},
+           {"min_words": 3, "max_words": 3, "min_word_length": 3, "max_word_length": 6,
+            "transformation": "lowercase"},
            lambda it: (f"sort words {_meta(it)['direction']}: "
                        + ", ".join(_meta(it)["transformed_words"]))),
     Family("number_sorting", "number_sorting", "medium", 64,
-           {"min_numbers": 3, "max_numbers": 5, "min_decimals": 0, "max_decimals": 1},
+           {"min_numbers": 3, "max_numbers": 3, "min_decimals": 0, "max_decimals": 0,
+            "min_value": 0, "max_value": 99},
            lambda it: (f"sort numbers {_meta(it)['direction']}: "
                        + ", ".join(_meta(it)["original_numbers"]))),
     Family("chain_sum", "chain_sum", "hard", 32,
-           {"min_terms": 2, "max_terms": 3, "min_digits": 1, "max_digits": 2},
+           {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2},
            lambda it: f"sum: {_meta(it)['expression']} ="),
     Family("word_reversal_long", "word_sequence_reversal", "long", 512,
            {"min_words": 45, "max_words": 60},
@@ -188,8 +190,13 @@ def make_problems(family: str, split: str, n: int, seed: int = 0,
     tok = tokenizer or CharTokenizer()
     gen = gen_length or fam.gen_length
     cap = 20 * n + 200
+    config = dict(fam.config)
+    if isinstance(config.get("transformation"), str):  # word_sorting wants its enum
+        from reasoning_gym.algorithmic.word_sorting import TextTransformation
+
+        config["transformation"] = TextTransformation(config["transformation"])
     ds = reasoning_gym.create_dataset(fam.dataset, seed=split_seed(seed, split), size=cap,
-                                      **fam.config)
+                                      **config)
     out: list[Problem] = []
     seen: set[str] = set()
     for i in range(cap):

@@ -57,20 +57,42 @@ def forward_process(input_ids: Tensor, answer_mask: Tensor, t: Tensor, mask_id: 
     return input_ids.masked_fill(masked, mask_id), masked
 
 
+LOSS_WEIGHTINGS = ("inverse_t", "none")
+
+
 def diffusion_loss(logits: Tensor, targets: Tensor, masked: Tensor, t: Tensor,
-                   answer_mask: Tensor) -> Tensor:
-    """LLaDA's loss: Σ over masked tokens of CE/t, divided by each row's answer length, mean
-    over rows. The answer length counts the EOS padding (it is part of the answer)."""
-    rows = masked.nonzero()[:, 0]
+                   answer_mask: Tensor, weighting: str = "inverse_t") -> Tensor:
+    """The masked-token cross-entropy.
+
+    ``inverse_t`` is LLaDA's loss: Σ over masked tokens of CE/t, divided by each row's answer
+    length, mean over rows (the answer length counts the EOS padding, part of the answer).
+    ``none`` is the plain mean CE over the batch's masked tokens: the same minimiser (the
+    per-position predictor does not depend on t's weight), without the 1/t factor that gives a
+    lightly masked row up to 1/eps times the weight — a much noisier gradient at small batch.
+    """
     ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
+    if weighting == "none":
+        return ce.sum() / masked.sum().clamp(min=1)
+    if weighting != "inverse_t":
+        raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+    rows = masked.nonzero()[:, 0]
     answer_len = answer_mask.sum(-1).clamp(min=1).to(ce.dtype)
     return (ce / t[rows] / answer_len[rows]).sum() / targets.shape[0]
 
 
 def sample_t(batch: int, eps: float, device: torch.device | str,
-             generator: torch.Generator | None = None) -> Tensor:
-    """Mask ratios ``t ~ U(eps, 1)`` (eps keeps the 1/t weight finite)."""
-    return eps + (1.0 - eps) * torch.rand(batch, generator=generator, device=device)
+             generator: torch.Generator | None = None, stratified: bool = False) -> Tensor:
+    """Mask ratios ``t ~ U(eps, 1)`` (eps keeps the 1/t weight finite).
+
+    ``stratified``: one draw per equal slice of [0, 1) (one shared offset, rows permuted), so
+    every batch spans light to heavy masking; each row's t is still ``U(eps, 1)``.
+    """
+    if not stratified:
+        return eps + (1.0 - eps) * torch.rand(batch, generator=generator, device=device)
+    u = (torch.arange(batch, device=device)
+         + torch.rand(1, generator=generator, device=device)) / batch
+    u = u[torch.randperm(batch, generator=generator, device=device)]
+    return eps + (1.0 - eps) * u
 
 
 # ---------------------------------------------------------------------------------- data
@@ -206,16 +228,23 @@ class MaskedDiffusionLM(LightningModule):
         min_lr_ratio: final learning rate as a fraction of ``lr``.
         eps: lower end of the mask ratio ``t ~ U(eps, 1)``.
         init_seed: seed of the weight initialisation.
+        loss_weighting: ``inverse_t`` (LLaDA's 1/t-weighted loss) or ``none`` (mean CE over
+            masked tokens); see :func:`diffusion_loss`.
+        stratified_t: draw the batch's mask ratios stratified (see :func:`sample_t`).
     """
 
     def __init__(self, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
                  mlp_hidden_size: int = 384, max_sequence_length: int = 1024,
                  rope_theta: float = 10000.0, lr: float = 1e-3, weight_decay: float = 0.01,
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, eps: float = 1e-3,
-                 init_seed: int = 0) -> None:
+                 init_seed: int = 0, loss_weighting: str = "inverse_t",
+                 stratified_t: bool = False) -> None:
         super().__init__()
         if not 0.0 < eps < 1.0:
             raise ValueError(f"eps must be in (0, 1), got {eps}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, "
+                             f"got {loss_weighting!r}")
         self.save_hyperparameters()
         self.tokenizer = CharTokenizer()
         tok = self.tokenizer
@@ -236,9 +265,10 @@ class MaskedDiffusionLM(LightningModule):
         if ids.shape[1] > self.hparams.max_sequence_length:
             raise ValueError(f"batch of length {ids.shape[1]} exceeds max_sequence_length "
                              f"{self.hparams.max_sequence_length}")
-        t = sample_t(ids.shape[0], self.hparams.eps, ids.device, generator)
+        hp = self.hparams
+        t = sample_t(ids.shape[0], hp.eps, ids.device, generator, hp.stratified_t)
         noisy, masked = forward_process(ids, ans, t, self.tokenizer.MASK, generator)
-        return diffusion_loss(self(noisy, am), ids, masked, t, ans)
+        return diffusion_loss(self(noisy, am), ids, masked, t, ans, hp.loss_weighting)
 
     def training_step(self, batch: dict[str, Any], _: int) -> Tensor:
         loss = self._loss(batch, None)
