@@ -71,6 +71,8 @@ class BuildRecipe:
     """Calibrate λ so the mean cost per prompt (top-stage units) stays ≤ this."""
     n_bins: int = 3
     """Quantile bins of each stage's p in the policy's histories."""
+    allow_skip: bool = True
+    """Let the policy skip leading stages (start at a larger model) when that pays."""
     schema: str = "topk"
     """Feature schema of a predictor trained here (topk, full, seed)."""
     train_steps: int = 400
@@ -100,7 +102,8 @@ class Bundle:
         """The policy at another λ, fitted on the bundle's own calibration table."""
         cal = self.calibration
         return fit_policy(np.asarray(cal["P"]), np.asarray(cal["Y"]), np.asarray(cal["C"]),
-                          lam, n_bins=int(self.meta["policy_fit"]["n_bins"]))
+                          lam, n_bins=int(self.meta["policy_fit"]["n_bins"]),
+                          allow_skip=bool(self.meta["policy_fit"].get("allow_skip", True)))
 
 
 def sha256_file(path: Path) -> str:
@@ -217,9 +220,12 @@ def build_bundle(out: str | Path, stages: list[str], decoding: DecodingConfig,
         P = np.stack([predictor.predict(X[cal, k])[:, 0] for k in range(len(stages))], 1)
         C = flops[cal] / flops[cal, -1].mean()
         if recipe.budget is not None:
-            policy, budget = calibrate_lambda(P, Y[cal], C, recipe.budget, n_bins=recipe.n_bins)
+            policy, budget = calibrate_lambda(P, Y[cal], C, recipe.budget, n_bins=recipe.n_bins,
+                                              allow_skip=recipe.allow_skip)
         else:
-            policy, budget = fit_policy(P, Y[cal], C, recipe.lam, n_bins=recipe.n_bins), None
+            policy = fit_policy(P, Y[cal], C, recipe.lam, n_bins=recipe.n_bins,
+                                allow_skip=recipe.allow_skip)
+            budget = None
         from toolkit.cascade.stopping import evaluate
 
         ev = evaluate(policy, P, Y[cal], C)
@@ -233,8 +239,8 @@ def build_bundle(out: str | Path, stages: list[str], decoding: DecodingConfig,
                           "source": recipe.predictor or "trained by --build_bundle",
                           "trained": trained},
             "lambda": policy.lam, "budget": None if budget is None else {
-                "metric": "cost", "value": recipe.budget, **budget},
-            "policy_fit": {"n_bins": recipe.n_bins},
+                "metric": "cost", "target": recipe.budget, **budget},
+            "policy_fit": {"n_bins": recipe.n_bins, "allow_skip": recipe.allow_skip},
             "policy": policy_to_dict(policy),
             "calibration": {
                 "file": "calibration.json", "records": str(recipe.records),

@@ -47,7 +47,7 @@ def lambda_override(bundle_meta: dict[str, Any]) -> float | None:
     if not lam > 0 or lam == float("inf"):
         raise BundleError(f"LAMBDA_VALUE must be a positive number, got {raw!r}")
     budget = bundle_meta.get("budget")
-    voided = (f"the bundle's calibrated budget (mean cost <= {budget['value']:g} top-stage "
+    voided = (f"the bundle's calibrated budget (mean cost <= {budget['target']:g} top-stage "
               "calls) no longer holds" if budget else "the bundle's calibrated λ is not used")
     print(f"warning: LAMBDA_VALUE={lam:g} overrides the bundle's λ={bundle_meta['lambda']:.4g}; "
           f"the policy is refitted on the bundle's calibration table, and {voided}",
