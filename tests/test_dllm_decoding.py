@@ -342,3 +342,10 @@ def test_bad_inputs_raise_clear_errors(model):
         LLaDAPolicy(16, 8, remasking="entropy")
     with pytest.raises(ValueError, match="unknown preset"):
         AdaptivePolicy.from_preset("poetry")
+    # The same errors are UserErrors: cli.py prints them as one `error: ...` line.
+    from toolkit.cli import UserError
+    from toolkit.dllm.policies import DecodeInputError
+
+    with pytest.raises(DecodeInputError) as info:
+        decode(model, PROMPTS, 20, FastDLLMPolicy(32))
+    assert isinstance(info.value, UserError) and "\n" not in str(info.value)

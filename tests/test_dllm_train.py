@@ -312,3 +312,21 @@ def test_two_process_test_equals_one_process(debug_ckpt: Path):
     assert _untimed(rows2) == _untimed(rows1)
     assert _untimed(res2["metrics"]) == _untimed(res1["metrics"])
     assert res2["data"] == res1["data"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--method", "dllm-fastdllm", "--model.init_args.policy_args.block_length", "24"),
+     "error: fastdllm: gen_length 32 must be a multiple of block_length 24"),
+    (("--method", "dllm-llada", "--model.init_args.policy_args.steps", "7"),
+     "error: llada: steps 7 must be a positive multiple of the number of blocks"),
+    (("--method", "dllm-adaptive", "--data.init_args.families", "[word_reversal_long]"),
+     "error: word_reversal_long: prompt + gen_length 512 reaches"),
+])
+def test_bad_test_settings_fail_with_one_line_before_decoding(flags, message, debug_ckpt: Path):
+    proc = subprocess.run([sys.executable, "cli.py", "test", *flags,
+                           "--model.init_args.checkpoint", str(debug_ckpt),
+                           "--data.init_args.n_per_family", "1"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=ENV)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(message) and "Traceback" not in proc.stderr

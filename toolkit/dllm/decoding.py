@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from toolkit.dllm.llada_model import KVCache
-from toolkit.dllm.policies import Plan, Policy, RowState, make_policy
+from toolkit.dllm.policies import DecodeInputError, Plan, Policy, RowState, make_policy
 
 
 @dataclass
@@ -132,10 +132,10 @@ def _as_prompt_lists(prompts: list[list[int]] | Tensor) -> list[list[int]]:
         if prompts.dim() == 1:
             prompts = prompts[None]
         if prompts.dim() != 2:
-            raise ValueError(f"prompt tensor must be (L,) or (B, L), got {tuple(prompts.shape)}")
+            raise DecodeInputError(f"prompt tensor must be (L,) or (B, L), got {tuple(prompts.shape)}")
         return [[int(t) for t in row] for row in prompts.tolist()]
     if not prompts or not all(isinstance(p, (list, tuple)) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of token-id lists or a tensor")
+        raise DecodeInputError("prompts must be a non-empty list of token-id lists or a tensor")
     return [[int(t) for t in p] for p in prompts]
 
 
@@ -387,7 +387,7 @@ def decode(model: Any, prompts: list[list[int]] | Tensor, gen_length: int,
     if mask_id is None:
         mask_id = _config_value(model, "mask_token_id")
     if mask_id is None:
-        raise ValueError("the model has no mask token (its config has no mask_token_id): "
+        raise DecodeInputError("the model has no mask token (its config has no mask_token_id): "
                          "diffusion decoding needs one; pass mask_id= for a model that has one")
     if eos_id is None:
         eos_id = _config_value(model, "eos_token_id")
@@ -400,14 +400,14 @@ def decode(model: Any, prompts: list[list[int]] | Tensor, gen_length: int,
                or _config_value(model, "max_position_embeddings"))
     longest = max(len(p) for p in prompt_lists)
     if context is not None and longest + gen_length > context:
-        raise ValueError(f"prompt of {longest} tokens + gen_length {gen_length} = "
+        raise DecodeInputError(f"prompt of {longest} tokens + gen_length {gen_length} = "
                          f"{longest + gen_length} exceeds the model's context of {context} "
                          "tokens (max_sequence_length)")
     if cfg_scale > 0 and policy.uses_cache:
-        raise ValueError(f"cfg_scale > 0 needs a policy without a KV cache; {policy.name} uses "
+        raise DecodeInputError(f"cfg_scale > 0 needs a policy without a KV cache; {policy.name} uses "
                          "one (choose cache='none' or the llada policy)")
     if policy.uses_cache and not getattr(model, "supports_kv_cache", False):
-        raise ValueError(f"policy {policy.name} uses a KV cache, which "
+        raise DecodeInputError(f"policy {policy.name} uses a KV cache, which "
                          f"{type(model).__name__} does not support (use cache='none')")
     if device is None:
         device = next(model.parameters()).device if hasattr(model, "parameters") else "cpu"

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from toolkit.dllm.decoding import decode
 from toolkit.dllm.eval_report import accuracy_vs_nfe_plot, nfe_over_answer_plot
-from toolkit.dllm.policies import AdaptivePolicy, Policy, make_policy
+from toolkit.dllm.policies import AdaptivePolicy, DecodeInputError, Policy, make_policy
 from toolkit.dllm.tasks_data import (
     LONG_FAMILY,
     SHORT_FAMILIES,
@@ -212,6 +212,20 @@ class DiffusionDecodeEval(LightningModule):
         self.ckpt_path = path
         self.ckpt_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         self.load_s = time.perf_counter() - t0
+        # Refuse bad lengths/steps before decoding anything (one line from the CLI).
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "gen_lengths"):
+            dm.setup("test")
+            for gen in sorted(set(dm.gen_lengths.values())):
+                self.policy.validate(gen)
+            for family, gen in dm.gen_lengths.items():
+                need = max((len(self.tok.encode_prompt(p.prompt)) + gen for p in dm.problems
+                            if p.family == family), default=0)
+                if need > self.trained_context and not dm.hparams.long_context:
+                    raise DecodeInputError(
+                        f"{family}: prompt + gen_length {gen} reaches {need} tokens, beyond "
+                        f"the model's context of {self.trained_context} (max_sequence_length); "
+                        "only --data.init_args.long_context true may go past it (speed-only)")
 
     def test_step(self, batch: torch.Tensor, _: int) -> None:
         dm = self.trainer.datamodule

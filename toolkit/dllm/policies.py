@@ -20,7 +20,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from toolkit.cli import UserError
+
 Span = tuple[int, int]
+
+
+class DecodeInputError(UserError, ValueError):
+    """Bad decoding input (lengths, steps, settings, model, prompt): a ``ValueError`` for
+    library callers, and one ``error: ...`` line from ``cli.py`` (a ``UserError``)."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,7 @@ def _merge(spans: list[Span]) -> tuple[Span, ...]:
 
 def _check_cache(cache: str) -> None:
     if cache not in ("none", "prefix", "dual"):
-        raise ValueError(f"cache must be 'none', 'prefix' or 'dual', got {cache!r}")
+        raise DecodeInputError(f"cache must be 'none', 'prefix' or 'dual', got {cache!r}")
 
 
 class Policy(ABC):
@@ -130,7 +137,7 @@ class Policy(ABC):
     def validate(self, gen_length: int) -> None:
         """Raise ``ValueError`` if this policy cannot decode ``gen_length`` tokens."""
         if gen_length < 1:
-            raise ValueError(f"gen_length must be ≥ 1, got {gen_length}")
+            raise DecodeInputError(f"gen_length must be ≥ 1, got {gen_length}")
 
     def new_state(self, gen_length: int) -> RowState:
         return RowState(gen_length=gen_length)
@@ -187,9 +194,9 @@ class LLaDAPolicy(Policy):
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"llada: steps must be ≥ 1, got {self.steps}")
+            raise DecodeInputError(f"llada: steps must be ≥ 1, got {self.steps}")
         if self.remasking not in ("low_confidence", "random"):
-            raise ValueError("remasking must be 'low_confidence' or 'random', "
+            raise DecodeInputError("remasking must be 'low_confidence' or 'random', "
                              f"got {self.remasking!r}")
 
     @property
@@ -199,12 +206,12 @@ class LLaDAPolicy(Policy):
     def validate(self, gen_length: int) -> None:
         super().validate(gen_length)
         if self.block_length < 1 or gen_length % self.block_length:
-            raise ValueError(f"llada: gen_length {gen_length} must be a multiple of "
+            raise DecodeInputError(f"llada: gen_length {gen_length} must be a multiple of "
                              f"block_length {self.block_length}")
         num_blocks = gen_length // self.block_length
         steps = self.steps or gen_length
         if steps < num_blocks or steps % num_blocks:
-            raise ValueError(f"llada: steps {steps} must be a positive multiple of the number "
+            raise DecodeInputError(f"llada: steps {steps} must be a positive multiple of the number "
                              f"of blocks {num_blocks} (gen_length / block_length)")
 
     def next_block_size(self, st: RowState) -> int:
@@ -268,7 +275,7 @@ class FastDLLMPolicy(_CachedBlockPolicy):
     def validate(self, gen_length: int) -> None:
         super().validate(gen_length)
         if self.block_length < 1 or gen_length % self.block_length:
-            raise ValueError(f"fastdllm: gen_length {gen_length} must be a multiple of "
+            raise DecodeInputError(f"fastdllm: gen_length {gen_length} must be a multiple of "
                              f"block_length {self.block_length}")
 
     def next_block_size(self, st: RowState) -> int:
@@ -338,20 +345,20 @@ class AdaptivePolicy(_CachedBlockPolicy):
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_block_size <= self.base_block_size <= self.max_block_size:
-            raise ValueError(f"need 1 ≤ min_block_size {self.min_block_size} ≤ base_block_size "
+            raise DecodeInputError(f"need 1 ≤ min_block_size {self.min_block_size} ≤ base_block_size "
                              f"{self.base_block_size} ≤ max_block_size {self.max_block_size}")
         if not 0.0 < self.min_threshold <= self.base_threshold <= self.max_threshold:
-            raise ValueError(f"need 0 < min_threshold {self.min_threshold} ≤ base_threshold "
+            raise DecodeInputError(f"need 0 < min_threshold {self.min_threshold} ≤ base_threshold "
                              f"{self.base_threshold} ≤ max_threshold {self.max_threshold}")
         if self.confidence_window < 1 or self.tier2_update_interval < 1:
-            raise ValueError("confidence_window and tier2_update_interval must be ≥ 1")
+            raise DecodeInputError("confidence_window and tier2_update_interval must be ≥ 1")
         _check_cache(self.cache)
 
     @classmethod
     def from_preset(cls, preset: str, **overrides: Any) -> AdaptivePolicy:
         """Build from one of :data:`PRESETS` (math / code / creative), then ``overrides``."""
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+            raise DecodeInputError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[preset], **overrides})
 
     @property
@@ -433,10 +440,10 @@ POLICIES: dict[str, type[Policy]] = {
 def make_policy(name: str, **kwargs: Any) -> Policy:
     """Build a policy by name; ``make_policy("adaptive", preset="math", ...)`` uses a preset."""
     if name not in POLICIES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
+        raise DecodeInputError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
     preset = kwargs.pop("preset", None)
     if preset is not None:
         if name != "adaptive":
-            raise ValueError("presets exist only for the adaptive policy")
+            raise DecodeInputError("presets exist only for the adaptive policy")
         return AdaptivePolicy.from_preset(preset, **kwargs)
     return POLICIES[name](**kwargs)
