@@ -27,7 +27,8 @@ def test_every_shipped_config_parses(path, capsys):
     rel = path.relative_to(REPO / "configs")
     data = yaml.safe_load(path.read_text())
     assert isinstance(data, dict) and data
-    sub = {"label": "label", "test": "test", "generate": "generate"}.get(rel.parts[0], "fit")
+    sub = {"label": "label", "test": "test", "generate": "generate",
+           "serve": "serve"}.get(rel.parts[0], "fit")
     with pytest.raises(SystemExit) as exit_info:  # --print_config prints and exits 0
         cli.main([sub, "--config", str(path), "--print_config"])
     assert exit_info.value.code in (0, None)

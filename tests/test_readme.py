@@ -32,3 +32,39 @@ def test_data_card_table_matches_the_records():
     card = (REPO / "data" / "cascade" / "README.md").read_text()
     table = card.split("<!-- table:begin -->")[1].split("<!-- table:end -->")[0].strip()
     assert table == summarize(REPO / "data" / "cascade").strip()
+
+
+def test_readme_result_tables_match_their_snapshots():
+    """Each <!-- report:NAME --> block is `python cli.py report docs/results/NAME.json`."""
+    from toolkit.evaluation.report import BLOCK, SNAPSHOTS, render
+
+    text = (REPO / "README.md").read_text()
+    blocks = list(BLOCK.finditer(text))
+    assert blocks, "README has no report blocks"
+    for m in blocks:
+        snap = SNAPSHOTS / f"{m['name']}.json"
+        assert snap.is_file(), f"README block {m['name']} has no snapshot {snap}"
+        import json
+
+        assert m["body"] == render(json.loads(snap.read_text())), (
+            f"README block {m['name']} differs from its snapshot: run "
+            "`python cli.py report --update_readme_blocks true`")
+
+
+def test_report_renders_cascade_and_plain_results(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    r = {"method": "x", "command": "python cli.py test --method x", "git": {"sha": "abc"},
+         "data": {"n": 2}, "metrics": {"accuracy": {"value": 0.5, "ci95": [0.0, 1.0], "n": 2},
+                                       "by_family": {"a": {"value": 1.0}}}}
+    (tmp_path / "results.json").write_text(json.dumps(r))
+    proc = subprocess.run([sys.executable, "cli.py", "report", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| accuracy | 0.500 [0.000, 1.000] | 2 |" in proc.stdout and "by_family" not in proc.stdout
+    (tmp_path / "bad.json").write_text("{oops")
+    proc = subprocess.run([sys.executable, "cli.py", "report", str(tmp_path / "bad.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "bad.json" in proc.stderr

@@ -61,12 +61,13 @@ def zoo_pull(name: str, force: bool = False, wheel_dir: str | None = None,
 def _extra_commands() -> dict[str, Any]:
     from toolkit.cascade.labelling import label
     from toolkit.cascade.onnx_export import export
+    from toolkit.evaluation.report import report
     from toolkit.qstar.analyze import analyze
     from toolkit.qstar.generate_data import generate
     from toolkit.serving.server import serve
 
     return {"zoo": {"list": zoo_list, "pull": zoo_pull}, "label": label, "export": export,
-            "generate": generate, "analyze": analyze, "serve": serve}
+            "generate": generate, "analyze": analyze, "serve": serve, "report": report}
 
 
 # ------------------------------------------------------------------ lightning
@@ -139,6 +140,7 @@ def run_lightning(args: list[str]) -> Any:
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": folder, "name": "", "version": ""}}
 
+    original = list(args)
     if args[0] == "test":
         args = expand_method(args)
     has_config = any(a == "--config" or a.startswith("--config=") for a in args)
@@ -146,6 +148,10 @@ def run_lightning(args: list[str]) -> Any:
         if not FIT_DEFAULT.is_file():
             raise UserError(f"no default fit config at {FIT_DEFAULT}; pass --config")
         args = [args[0], "--config", str(FIT_DEFAULT), *args[1:]]
+    from toolkit.evaluation import results
+
+    # results.json names the command as typed (before --method expansion).
+    results.COMMAND = " ".join(["python cli.py", *original])
     sys.argv = sys.argv[:1]  # the arguments travel in `args`; LightningCLI warns about both
     cli = ToolkitCLI(
         LightningModule, LightningDataModule, subclass_mode_model=True,
@@ -171,6 +177,7 @@ Toolkit subcommands:
   export     export a predictor checkpoint to ONNX (parity-checked, timed), optionally publish
   generate   plain or q* generation into resumable OpenAI-format JSONL
   analyze    q* diagnostics: statistics, the seed's condition checks, plots, files side by side
+  report     markdown tables from results.json files; rewrites README's result blocks
   serve      serve a cascade bundle over HTTP (default: --config configs/serve/default.yaml);
              `serve --build_bundle true` builds the bundle the config names
 """
@@ -192,8 +199,10 @@ def main(args: list[str] | None = None) -> Any:
         has_config = any(a == "--config" or a.startswith("--config=") for a in args)
         if args[0] == "serve" and not has_config and not {"-h", "--help"} & set(args):
             args = [args[0], "--config", str(SERVE_DEFAULT), *args[1:]]
-        # `zoo pull NAME` takes its name positionally; everything else is a --flag.
-        return CLI(extra, args=args, as_positional=args[0] == "zoo")
+        if args[0] == "report":
+            args = _report_args(args)
+        # `zoo pull NAME` and `report PATH...` take positionals; everything else is a --flag.
+        return CLI(extra, args=args, as_positional=args[0] in ("zoo", "report"))
     except UserError as err:
         _fail(err)
     except Exception as err:  # user-fixable errors from our own modules: one line, no trace
@@ -202,17 +211,37 @@ def main(args: list[str] | None = None) -> Any:
         raise
 
 
+def _report_args(args: list[str]) -> list[str]:
+    """`report A B --format md` -> `report '["A","B"]' --format md` (one list positional)."""
+    import json
+
+    if {"-h", "--help"} & set(args):
+        return args
+    paths, flags, i = [], [], 1
+    while i < len(args):
+        if args[i].startswith("--"):
+            flags.append(args[i])
+            if "=" not in args[i] and i + 1 < len(args):
+                flags.append(args[i + 1])
+                i += 1
+        else:
+            paths.append(args[i])
+        i += 1
+    return [args[0], json.dumps(paths), *flags]
+
+
 def _is_user_error(err: Exception) -> bool:
     from toolkit.cascade.features import FeatureSchemaError
     from toolkit.cascade.onnx_export import CheckpointError
     from toolkit.cascade.onnx_runtime import PredictorFileError
     from toolkit.common.io import ResumeMismatchError
+    from toolkit.evaluation.report import ReportError
     from toolkit.models.loading import ModelLoadError
     from toolkit.models.zoo import ZooError
     from toolkit.serving.bundle import BundleError
 
     types: tuple[type, ...] = (ZooError, ModelLoadError, ResumeMismatchError, CheckpointError,
-                               PredictorFileError, FeatureSchemaError, BundleError)
+                               PredictorFileError, FeatureSchemaError, BundleError, ReportError)
     try:
         from toolkit.tasks.base import TaskError
 

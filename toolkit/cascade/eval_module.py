@@ -10,6 +10,7 @@ come from ``replay.py`` (the same code the live runner uses to decide).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,18 +48,22 @@ class CascadeReplayEval(LightningModule):
             threshold, cascade.
         data_dir: labelled records (``cli.py label``).
         lam: λ, the price of a wrong answer in top-stage-call units (cascade, threshold).
-        sweep: λ values for the quality–cost curve.
+        sweep: λ values for the quality–cost curve (null: 0.1 … 50, finer where the curve
+            bends on these records).
+        budgets: mean-cost budgets (top-stage units) at which cascade, threshold and random
+            are compared with paired bootstrap intervals; each learned method is tuned to the
+            budget on its calibration folds only.
         folds: cross-validation folds over prompts.
         n_bins: bins of each stage's score in the stopping policy's history.
         risk_prior: (α0, β0) Beta prior of the risk adjustment, or null for none.
-        schema: predictor feature schema.
+        schema: predictor feature schema (topk, full, seed, no_entropy, no_logprobs, minimal).
         num_stages: stages of the cascade.
         seed: seed of predictor training and of ``random``.
         random_seeds: seeds averaged for ``random``.
     """
 
     def __init__(self, method: str = "cascade", data_dir: str = "data/cascade", lam: float = 1.0,
-                 sweep: list[float] | None = None,
+                 sweep: list[float] | None = None, budgets: list[float] | None = None,
                  folds: int = 5, n_bins: int = 3, risk_prior: list[float] | None = None,
                  schema: str = "topk", num_stages: int = 3, seed: int = 0,
                  random_seeds: int = 3) -> None:
@@ -67,8 +72,11 @@ class CascadeReplayEval(LightningModule):
             raise ValueError(f"unknown cascade method {method!r}; choose from {METHODS}")
         if lam <= 0:
             raise ValueError(f"lam must be > 0, got {lam}")
+        if budgets and min(budgets) <= 0:
+            raise ValueError(f"budgets must be > 0, got {budgets}")
         self.save_hyperparameters()
-        self.sweep = sweep or [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0]
+        self.sweep = sweep or [0.1, 0.2, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10, 15, 20, 50]
+        self.budgets = budgets or []
         self.rows: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------ decisions
@@ -76,50 +84,74 @@ class CascadeReplayEval(LightningModule):
         hp = self.hparams
         t0 = time.perf_counter()
         self.table = t = replay.load_prompt_table(hp.data_dir, hp.schema, hp.num_stages)
-        self.cv = None
+        self.cv, self.curve, self.extra = None, None, {}
         prior = tuple(hp.risk_prior) if hp.risk_prior else None
-        self.decisions: dict[str, tuple[np.ndarray, np.ndarray]] = {
-            m: replay.fixed_method(m, t) for m in FIXED}
+        # method -> (answering stage, cost paid, recorded latency) per prompt
+        self.decisions: dict[str, tuple[np.ndarray, ...]] = {}
+        for m in FIXED:
+            stage, cost = replay.fixed_method(m, t)
+            self.decisions[m] = (stage, cost, replay.fixed_method(m, replace(t, C=t.wall))[1])
         if hp.method in ("cascade", "threshold", "random"):
             self.cv = replay.cv_scores(t, hp.folds, hp.seed)
             cv = replay.cross_validated(t, self.cv, hp.lam, hp.n_bins, prior)
-            self.decisions["cascade"] = (cv["cascade_stage"], cv["cascade_cost"])
-            self.decisions["threshold"] = (cv["threshold_stage"], cv["threshold_cost"])
+            self.decisions["cascade"] = (cv["cascade_stage"], cv["cascade_cost"],
+                                         cv["cascade_latency"])
+            self.decisions["threshold"] = (cv["threshold_stage"], cv["threshold_cost"],
+                                           replay.paid(t.wall, cv["threshold_stage"]))
             self.curve = [self._point(lam, prior) for lam in self.sweep]
+            self.extra["budgets"] = [self._budget(b, prior) for b in self.budgets]
+            self.extra["predictor_auroc"] = replay.auroc_against_logistic(t, self.cv, hp.seed)
         target = float(self.decisions.get("cascade", self.decisions["fixed-2stage"])[1].mean())
         self.random_runs = [replay.random_escalation(t, target, hp.seed + s)
                             for s in range(hp.random_seeds)]
-        self.decisions["random"] = self.random_runs[0]
+        stage, cost = self.random_runs[0]
+        self.decisions["random"] = (stage, cost, replay.paid(t.wall, stage))
         self.fit_s = time.perf_counter() - t0
 
+    def _accuracy(self, stage: np.ndarray) -> np.ndarray:
+        return self.table.Y[np.arange(len(stage)), stage]
+
     def _point(self, lam: float, prior: Any) -> dict[str, float]:
-        t = self.table
-        cv = replay.cross_validated(t, self.cv, lam, self.hparams.n_bins, prior)
-        n = np.arange(len(t.ids))
+        cv = replay.cross_validated(self.table, self.cv, lam, self.hparams.n_bins, prior)
         return {"lambda": lam,
                 "cascade_cost": float(cv["cascade_cost"].mean()),
-                "cascade_accuracy": float(t.Y[n, cv["cascade_stage"]].mean()),
+                "cascade_accuracy": float(self._accuracy(cv["cascade_stage"]).mean()),
                 "threshold_cost": float(cv["threshold_cost"].mean()),
-                "threshold_accuracy": float(t.Y[n, cv["threshold_stage"]].mean())}
+                "threshold_accuracy": float(self._accuracy(cv["threshold_stage"]).mean())}
+
+    def _budget(self, budget: float, prior: Any) -> dict[str, Any]:
+        """Cascade vs threshold vs random, each held to ``budget`` (paired, same prompts)."""
+        d = replay.at_budget(self.table, self.cv, budget, self.hparams.n_bins, prior,
+                             self.hparams.seed)
+        acc = {m: self._accuracy(d[f"{m}_stage"]) for m in ("cascade", "threshold", "random")}
+        out: dict[str, Any] = {"budget": budget, "lambdas": d["lambdas"]}
+        for m in acc:
+            out[m] = {"accuracy": metric(acc[m]), "relative_cost": metric(d[f"{m}_cost"])}
+        for other in ("threshold", "random"):
+            out[f"cascade_minus_{other}_accuracy"] = paired_difference(acc["cascade"],
+                                                                       acc[other])
+        return out
 
     def test_step(self, batch: torch.Tensor, _: int) -> None:
         t = self.table
-        stage, cost = self.decisions[self.hparams.method]
+        stage, cost, latency = self.decisions[self.hparams.method]
         for i in batch.tolist():
             s = int(stage[i])
             self.rows.append({"id": str(t.ids[i]), "task": str(t.tasks[i]), "stage": s,
-                              "cost": float(cost[i]), "correct": float(t.Y[i, s]),
+                              "cost": float(cost[i]), "latency_s": float(latency[i]),
+                              "correct": float(t.Y[i, s]),
                               "agreement": float(t.A[i, s] if s < t.num_stages - 1 else 1.0)})
 
     # -------------------------------------------------------------- results
     def on_test_epoch_end(self) -> None:
         rows_sorted = collect_rows(self.rows, self.trainer.global_rank)
         self.rows = []
+        # Trainer.log_dir broadcasts under DDP: every rank must ask, not only rank 0.
+        run_dir = Path(self.trainer.log_dir or ".")
         if rows_sorted is None:
             return
         metrics = self._metrics(rows_sorted)
-        run_dir = Path(self.trainer.log_dir or ".")
-        extra = {"comparison": self._comparison(), "curve": getattr(self, "curve", None)}
+        extra = {"comparison": self._comparison(), "curve": self.curve, **self.extra}
         write_results(run_dir, self.hparams.method, metrics, rows_sorted,
                       dict(self.hparams), self.hparams.seed, self._models(),
                       {"name": str(self.hparams.data_dir), "split": "all (5-fold CV)"},
@@ -134,26 +166,41 @@ class CascadeReplayEval(LightningModule):
         L = self.table.num_stages
         stages = np.array([r["stage"] for r in rows])
         costs = np.array([r["cost"] for r in rows])
+        lat = np.array([r["latency_s"] for r in rows])
         full = self.table.C.sum(1).mean()
-        out = {"accuracy": metric([r["correct"] for r in rows]),
-               "agreement_with_top": metric([r["agreement"] for r in rows]),
-               "relative_cost": metric(costs),
-               "cost_saving_seed": {"value": float(1 - costs.mean() / full), "n": len(rows)},
-               "stage_distribution": [float((stages == k).mean()) for k in range(L)]}
-        return out
+        return {"accuracy": metric([r["correct"] for r in rows]),
+                "agreement_with_top": metric([r["agreement"] for r in rows]),
+                "relative_cost": metric(costs),
+                "cost_saving_seed": {"value": float(1 - costs.mean() / full), "n": len(rows)},
+                "stage_distribution": [float((stages == k).mean()) for k in range(L)],
+                # Replayed from the wall times recorded while labelling (continuous batches of
+                # 16 on 2 shared CPU cores): the latency these decisions would have had there.
+                "latency_recorded_s": {f"p{q}": float(np.quantile(lat, q / 100))
+                                       for q in (50, 95, 99)}}
 
     def _comparison(self) -> dict[str, Any]:
-        t, n = self.table, np.arange(len(self.table.ids))
-        out = {}
-        for m, (stage, cost) in self.decisions.items():
-            out[m] = {"accuracy": metric(t.Y[n, stage]), "relative_cost": metric(cost)}
+        t = self.table
+        out: dict[str, Any] = {}
+        for m, (stage, cost, _) in self.decisions.items():
+            out[m] = {"accuracy": metric(self._accuracy(stage)), "relative_cost": metric(cost)}
         if len(self.random_runs) > 1:
-            accs = [float(t.Y[n, s].mean()) for s, _ in self.random_runs]
-            out["random"]["accuracy_over_seeds"] = accs
+            out["random"]["accuracy_over_seeds"] = [float(self._accuracy(s).mean())
+                                                    for s, _ in self.random_runs]
         if "cascade" in self.decisions:
             for other in ("random", "threshold", "always-top"):
                 out[f"cascade_minus_{other}_accuracy"] = paired_difference(
-                    t.Y[n, self.decisions["cascade"][0]], t.Y[n, self.decisions[other][0]])
+                    self._accuracy(self.decisions["cascade"][0]),
+                    self._accuracy(self.decisions[other][0]))
+            # The cost at which the λ sweep first comes within 2 points of always-top, beside
+            # the least cost at which a routing oracle reaches the same accuracy.
+            goal = out["always-top"]["accuracy"]["value"] - 0.02
+            ok = [p for p in self.curve if p["cascade_accuracy"] >= goal - 1e-12]
+            best = min(ok, key=lambda p: p["cascade_cost"]) if ok else None
+            out["top_minus_2_points"] = {
+                "target_accuracy": goal,
+                "cascade_cost": best["cascade_cost"] if best else None,
+                "cascade_lambda": best["lambda"] if best else None,
+                "oracle_cost": replay.oracle_cost_at(t, goal)}
         return out
 
     def _models(self) -> list[dict[str, Any]]:

@@ -13,6 +13,9 @@ Schemas:
   means, which are biased by answer length (Gupta et al., ICLR 2024).
 * ``full-v1``: ``topk-v1`` plus statistics of the full-distribution entropy. Transformers
   backend only (vLLM cannot give the full distribution's entropy).
+* ``no_entropy-v1``, ``no_logprobs-v1``, ``minimal-v1``: the seed's feature-set ablations
+  carved out of ``full-v1``: without any entropy statistic; without chosen-token log-prob and
+  margin statistics (entropies only; transformers only); lengths and stage only.
 * ``seed-v1``: the seed's five features (entropy of the last 32 tokens, prompt-length ratio,
   output length, mean top-1 log-prob, stage id). Needs the full entropy too.
 """
@@ -83,11 +86,18 @@ def build_schema(name: str = "topk", num_stages: int = 3) -> FeatureSchema:
     topk = (_common_names(num_stages) + _stat_names("chosen_logprob")
             + ["frac_chosen_below_-1", "frac_chosen_below_-3"] + _stat_names("top1_margin")
             + _stat_names("top5_entropy"))
-    if name == "topk":
-        return FeatureSchema("topk", 1, tuple(topk), False, num_stages)
-    if name == "full":
-        return FeatureSchema("full", 1, tuple(topk + _stat_names("entropy")), True, num_stages)
-    raise FeatureSchemaError(f"unknown feature schema {name!r}; choose topk, full or seed")
+    full = topk + _stat_names("entropy")
+    entropic = set(_stat_names("top5_entropy") + _stat_names("entropy"))
+    common = _common_names(num_stages)
+    subsets = {"topk": (topk, False), "full": (full, True),
+               "no_entropy": ([n for n in full if n not in entropic], False),
+               "no_logprobs": ([n for n in full if n in common or n in entropic], True),
+               "minimal": (common, False)}
+    if name not in subsets:
+        raise FeatureSchemaError(f"unknown feature schema {name!r}; choose one of "
+                                 f"{sorted([*subsets, 'seed'])}")
+    names, needs_entropy = subsets[name]
+    return FeatureSchema(name, 1, tuple(names), needs_entropy, num_stages)
 
 
 def _stats(x: np.ndarray) -> list[float]:
@@ -134,9 +144,12 @@ def record_features(rec: dict[str, Any], schema: FeatureSchema) -> np.ndarray:
     feats += [float((chosen < -1).mean()) if chosen.size else 0.0,
               float((chosen < -3).mean()) if chosen.size else 0.0]
     feats += _stats(margin) + _stats(_top5_entropy(top) if top.size else np.zeros(0))
-    if schema.name == "full":
+    names = list(build_schema("topk", schema.num_stages).names)
+    if schema.needs_full_entropy:
         feats += _stats(np.asarray(tok["entropies"], dtype=np.float64))
-    out = np.asarray(feats, dtype=np.float32)
+        names += _stat_names("entropy")
+    by_name = dict(zip(names, feats))
+    out = np.asarray([by_name[n] for n in schema.names], dtype=np.float32)
     if out.shape != (schema.dim,):
         raise AssertionError(f"schema {schema.id} has {schema.dim} names, built {out.shape}")
     if not np.isfinite(out).all():

@@ -28,7 +28,7 @@ import torch
 
 from toolkit.cascade.features import FeatureSchema, build_schema, record_features
 from toolkit.cascade.records_datamodule import record_files
-from toolkit.cascade.stopping import StoppingPolicy, evaluate, fit_policy
+from toolkit.cascade.stopping import StoppingPolicy, calibrate_lambda, evaluate, fit_policy
 from toolkit.common.io import read_jsonl
 
 
@@ -44,6 +44,7 @@ class PromptTable:
     flops: np.ndarray  # [N, L] cost in FLOPs
     X: np.ndarray  # [N, L, F] predictor features
     schema: FeatureSchema
+    wall: np.ndarray | None = None  # [N, L] recorded seconds of each stage's call (labelling)
 
     @property
     def num_stages(self) -> int:
@@ -67,8 +68,9 @@ def load_prompt_table(data_dir: str | Path, schema: str = "topk", num_stages: in
     A = np.array([[float(s["agreement_bleu"] > bleu_threshold) for s in row] for row in rec])
     flops = np.array([[float(s["cost_flops"]) for s in row] for row in rec])
     X = np.stack([np.stack([record_features(s, sch) for s in row]) for row in rec])
+    wall = np.array([[float(s.get("wall_s", np.nan)) for s in row] for row in rec])
     return PromptTable(np.array(ids), np.array([row[0]["task"] for row in rec]), Y, A,
-                       flops / flops[:, -1].mean(), flops, X, sch)
+                       flops / flops[:, -1].mean(), flops, X, sch, wall)
 
 
 def fold_of(prompt_id: str, folds: int) -> int:
@@ -80,9 +82,16 @@ def train_predictor(X: np.ndarray, y: np.ndarray, hidden: tuple[int, ...] = (256
                     steps: int = 300, lr: float = 3e-3, weight_decay: float = 1e-4,
                     dropout: float = 0.1, seed: int = 0) -> torch.nn.Module:
     """A small MLP (the QualityPredictor's architecture) fitted full-batch on (X, y)."""
-    # Replay runs inside Trainer.test, which disables autograd; this fit needs it back.
-    with torch.inference_mode(False), torch.enable_grad():
-        return _train_predictor(X, y, hidden, steps, lr, weight_decay, dropout, seed)
+    # Replay runs inside Trainer.test, which disables autograd; this fit needs it back. One
+    # thread: a 700-row MLP gains nothing from more, and on a busy machine extra intra-op
+    # threads make it many times slower (measured: 829 s vs seconds for 25 fits).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            return _train_predictor(X, y, hidden, steps, lr, weight_decay, dropout, seed)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train_predictor(X: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], steps: int,
@@ -127,12 +136,13 @@ def predict(model: torch.nn.Module, X: np.ndarray) -> np.ndarray:
 
 
 def out_of_fold_scores(X: np.ndarray, Y: np.ndarray, folds: np.ndarray,
-                       seed: int = 0) -> np.ndarray:
+                       seed: int = 0, steps: int = 300) -> np.ndarray:
     """Predicted p of every (prompt, stage) from a predictor that never saw the prompt."""
     P = np.zeros(Y.shape)
     for f in np.unique(folds):
         tr = folds != f
-        model = train_predictor(X[tr].reshape(-1, X.shape[-1]), Y[tr].reshape(-1), seed=seed)
+        model = train_predictor(X[tr].reshape(-1, X.shape[-1]), Y[tr].reshape(-1), seed=seed,
+                                steps=steps)
         P[~tr] = predict(model, X[~tr])
     return P
 
@@ -150,7 +160,7 @@ def fixed_method(name: str, t: PromptTable) -> tuple[np.ndarray, np.ndarray]:
         return np.full(N, top), t.C[:, 0] + t.C[:, top]
     first_ok = np.where(t.Y.any(1), t.Y.argmax(1), top)
     if name == "oracle":
-        return first_ok, np.array([t.C[i, :k + 1].sum() for i, k in enumerate(first_ok)])
+        return first_ok, paid(t.C, first_ok)
     if name == "oracle-route":
         return first_ok, t.C[np.arange(N), first_ok]
     raise ValueError(f"unknown fixed method {name!r}")
@@ -172,9 +182,8 @@ def random_escalation(t: PromptTable, target_cost: float, seed: int) -> tuple[np
     q = (lo + hi) / 2
     rng = np.random.default_rng(seed)
     go = rng.random((len(t.ids), L - 1)) < q
-    stage = np.array([next((k for k in range(L - 1) if not g[k]), L - 1) for g in go])
-    cost = np.array([t.C[i, :s + 1].sum() for i, s in enumerate(stage)])
-    return stage, cost
+    stage = np.where((~go).any(1), (~go).argmax(1), L - 1)
+    return stage, paid(t.C, stage)
 
 
 def threshold_decisions(P: np.ndarray, t_value: float) -> np.ndarray:
@@ -183,16 +192,51 @@ def threshold_decisions(P: np.ndarray, t_value: float) -> np.ndarray:
     return np.where(ok.any(1), ok.argmax(1), L - 1)
 
 
+def paid(C: np.ndarray, stage: np.ndarray) -> np.ndarray:
+    """Cost of running stages 0..stage[i] in order (threshold, random, oracle)."""
+    return np.cumsum(C, 1)[np.arange(len(stage)), stage]
+
+
+def _threshold_sweep(P: np.ndarray, Y: np.ndarray, C: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Every distinct threshold on calibration prompts with its mean cost and accuracy."""
+    cands = np.unique(np.concatenate([P[:, :-1].ravel(), [1.01]]))
+    # [T, N] answering stage of each prompt under each threshold, without a Python loop.
+    ok = P[None, :, :-1] >= cands[:, None, None]
+    stage = np.where(ok.any(2), ok.argmax(2), P.shape[1] - 1)
+    cost = np.take_along_axis(np.cumsum(C, 1)[None], stage[..., None], 2)[..., 0].mean(1)
+    acc = np.take_along_axis(Y[None], stage[..., None], 2)[..., 0].mean(1)
+    return cands, cost, acc
+
+
 def tune_threshold(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float) -> float:
     """The threshold minimising mean cost + λ(1 − correct) on calibration prompts."""
-    best, best_t = np.inf, 1.0
-    for tv in np.unique(np.concatenate([P[:, :-1].ravel(), [1.01]])):
-        s = threshold_decisions(P, tv)
-        cost = np.array([C[i, :k + 1].sum() for i, k in enumerate(s)])
-        v = float((cost + lam * (1 - Y[np.arange(len(s)), s])).mean())
-        if v < best:
-            best, best_t = v, float(tv)
-    return best_t
+    cands, cost, acc = _threshold_sweep(P, Y, C)
+    return float(cands[np.argmin(cost + lam * (1 - acc))])
+
+
+def threshold_for_budget(P: np.ndarray, Y: np.ndarray, C: np.ndarray, budget: float) -> float:
+    """The most accurate threshold whose mean calibration cost stays within ``budget``
+    (the cheapest one if none does)."""
+    cands, cost, acc = _threshold_sweep(P, Y, C)
+    ok = cost <= budget
+    if not ok.any():
+        return float(cands[np.argmin(cost)])
+    return float(cands[ok][np.argmax(acc[ok])])
+
+
+def oracle_cost_at(t: PromptTable, accuracy: float) -> float:
+    """Least mean cost at which a routing oracle (knows every answer, runs one stage per
+    prompt) reaches ``accuracy``: it fixes the prompts that are cheapest to get right and
+    answers the rest with the cheapest stage. NaN if no routing reaches that accuracy."""
+    N, L = t.Y.shape
+    can = t.Y.any(1)
+    need = int(np.ceil(accuracy * N - 1e-9))
+    if need > can.sum():
+        return float("nan")
+    cheapest = t.C.min(1)
+    first_ok = t.Y.argmax(1)
+    extra = np.where(can, t.C[np.arange(N), first_ok] - cheapest, np.inf)
+    return float((cheapest.sum() + np.sort(extra)[:need].sum()) / N)
 
 
 @dataclass
@@ -204,16 +248,16 @@ class CvScores:
     P_cal: dict[int, np.ndarray]  # fold -> [N_train, L] nested out-of-fold training scores
 
 
-def cv_scores(t: PromptTable, folds: int = 5, seed: int = 0) -> CvScores:
+def cv_scores(t: PromptTable, folds: int = 5, seed: int = 0, steps: int = 300) -> CvScores:
     fold = np.array([fold_of(i, folds) for i in t.ids])
     P_test, P_cal = np.zeros(t.Y.shape), {}
     for f in np.unique(fold):
         te, tr = fold == f, fold != f
         # The policy's calibration scores are out-of-fold inside the training folds, so they
         # look like the scores it will see at test time (in-sample scores are overconfident).
-        P_cal[int(f)] = out_of_fold_scores(t.X[tr], t.Y[tr], fold[tr], seed)
+        P_cal[int(f)] = out_of_fold_scores(t.X[tr], t.Y[tr], fold[tr], seed, steps)
         model = train_predictor(t.X[tr].reshape(-1, t.X.shape[-1]), t.Y[tr].reshape(-1),
-                                seed=seed)
+                                seed=seed, steps=steps)
         P_test[te] = predict(model, t.X[te])
     return CvScores(fold, P_test, P_cal)
 
@@ -224,7 +268,7 @@ def cross_validated(t: PromptTable, cv: CvScores, lam: float, n_bins: int = 3,
     """Out-of-fold decisions of ``cascade`` and ``threshold`` at one λ."""
     N = len(t.ids)
     out = {"cascade_stage": np.zeros(N, int), "cascade_cost": np.zeros(N),
-           "threshold_stage": np.zeros(N, int)}
+           "cascade_latency": np.full(N, np.nan), "threshold_stage": np.zeros(N, int)}
     grp = t.tasks if groups else None
     for f, P_cal in cv.P_cal.items():
         te, tr = cv.fold == f, cv.fold != f
@@ -233,10 +277,37 @@ def cross_validated(t: PromptTable, cv: CvScores, lam: float, n_bins: int = 3,
                                          risk_prior=risk_prior)
         ev = evaluate(pol, cv.P_test[te], t.Y[te], t.C[te], None if grp is None else grp[te])
         out["cascade_stage"][te], out["cascade_cost"][te] = ev["stage"], ev["cost"]
+        if t.wall is not None:  # the same decisions, paying recorded seconds instead of cost
+            out["cascade_latency"][te] = evaluate(pol, cv.P_test[te], t.Y[te], t.wall[te],
+                                                  None if grp is None else grp[te])["cost"]
         thr = tune_threshold(P_cal, t.Y[tr], t.C[tr], lam)
         out["threshold_stage"][te] = threshold_decisions(cv.P_test[te], thr)
-    out["threshold_cost"] = np.array([t.C[i, :k + 1].sum()
-                                      for i, k in enumerate(out["threshold_stage"])])
+    out["threshold_cost"] = paid(t.C, out["threshold_stage"])
+    return out
+
+
+def at_budget(t: PromptTable, cv: CvScores, budget: float, n_bins: int = 3,
+              risk_prior: tuple[float, float] | None = None,
+              seed: int = 0) -> dict[str, np.ndarray | list]:
+    """Out-of-fold decisions of ``cascade`` and ``threshold`` when each is tuned, on its
+    calibration folds only, to a mean cost ≤ ``budget``; ``random`` is then tuned to the
+    cascade's realised mean cost so that the three are compared at (about) equal cost."""
+    N = len(t.ids)
+    out: dict[str, np.ndarray | list] = {"cascade_stage": np.zeros(N, int),
+                                         "cascade_cost": np.zeros(N),
+                                         "threshold_stage": np.zeros(N, int), "lambdas": []}
+    for f, P_cal in cv.P_cal.items():
+        te, tr = cv.fold == f, cv.fold != f
+        pol, info = calibrate_lambda(P_cal, t.Y[tr], t.C[tr], budget, groups=t.tasks[tr],
+                                     n_bins=n_bins, risk_prior=risk_prior, iters=25)
+        ev = evaluate(pol, cv.P_test[te], t.Y[te], t.C[te], t.tasks[te])
+        out["cascade_stage"][te], out["cascade_cost"][te] = ev["stage"], ev["cost"]
+        out["lambdas"].append(info["lambda"])
+        thr = threshold_for_budget(P_cal, t.Y[tr], t.C[tr], budget)
+        out["threshold_stage"][te] = threshold_decisions(cv.P_test[te], thr)
+    out["threshold_cost"] = paid(t.C, out["threshold_stage"])
+    out["random_stage"], out["random_cost"] = random_escalation(
+        t, float(out["cascade_cost"].mean()), seed)
     return out
 
 
@@ -256,3 +327,44 @@ def policy_from_records(data_dir: str | Path, predictor: object, lam: float,
     policy.meta = {"data_dir": str(data_dir), "prompts": len(t.ids),
                    "mean_top_flops": float(t.flops[:, -1].mean())}
     return policy
+
+
+def auroc_against_logistic(t: PromptTable, cv: CvScores, seed: int = 0,
+                           n_boot: int = 1000) -> dict[str, object]:
+    """Out-of-fold AUROC (ground-truth correctness) of the MLP predictor beside a
+    logistic-regression baseline fitted on the same features and folds (scikit-learn), pooled
+    over stages and per stage, with a paired bootstrap interval (over prompts) of the
+    difference."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    N, L, F = t.X.shape
+    P_lr = np.zeros(t.Y.shape)
+    for f in np.unique(cv.fold):
+        te, tr = cv.fold == f, cv.fold != f
+        lr = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        lr.fit(t.X[tr].reshape(-1, F), t.Y[tr].reshape(-1))
+        P_lr[te] = lr.predict_proba(t.X[te].reshape(-1, F))[:, 1].reshape(-1, L)
+
+    def auc(P: np.ndarray, rows: np.ndarray, stage: int | None = None) -> float:
+        y = t.Y[rows] if stage is None else t.Y[rows, stage]
+        p = P[rows] if stage is None else P[rows, stage]
+        return float(roc_auc_score(y.ravel(), p.ravel())) if 0 < y.mean() < 1 else float("nan")
+
+    rows = np.arange(N)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        b = rng.integers(0, N, N)
+        diffs.append(auc(cv.P_test, b) - auc(P_lr, b))
+    diffs = np.asarray(diffs)
+    diffs = diffs[np.isfinite(diffs)]
+    per_stage = {str(k): {"mlp": auc(cv.P_test, rows, k), "logistic_regression": auc(P_lr, rows, k)}
+                 for k in range(L)}
+    return {"mlp": auc(cv.P_test, rows), "logistic_regression": auc(P_lr, rows),
+            "difference": {"value": auc(cv.P_test, rows) - auc(P_lr, rows),
+                           "ci95": [float(np.quantile(diffs, 0.025)),
+                                    float(np.quantile(diffs, 0.975))], "n": int(N)},
+            "per_stage": per_stage, "features": t.schema.id}

@@ -79,6 +79,9 @@ def ids_hash(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
+COMMAND: str | None = None  # set by cli.py: the command line as the user typed it
+
+
 def write_results(run_dir: str | Path, method: str, metrics: dict[str, Any],
                   examples: list[dict[str, Any]], config: dict[str, Any], seed: int,
                   models: list[dict[str, Any]], data: dict[str, Any],
@@ -91,7 +94,8 @@ def write_results(run_dir: str | Path, method: str, metrics: dict[str, Any],
     rows = sorted(examples, key=lambda r: str(r["id"]))
     results = {
         "schema_version": SCHEMA_VERSION, "method": method, "git": git_state(repo),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "config": config,
+        "command": COMMAND or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "config": config,
         "seed": seed, "packages": package_versions(), "threads": torch.get_num_threads(),
         "python": platform.python_version(), "models": models,
         "data": {**data, "n": len(rows), "ids_hash": ids_hash([str(r["id"]) for r in rows])},

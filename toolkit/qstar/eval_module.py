@@ -140,11 +140,12 @@ class QStarEval(LightningModule):
     def on_test_epoch_end(self) -> None:
         ordered = collect_rows(self.rows, self.trainer.global_rank)
         self.rows = []
+        # Trainer.log_dir broadcasts under DDP: every rank must ask, not only rank 0.
+        run_dir = Path(self.trainer.log_dir or ".")
         if ordered is None:
             return
         per_token = [r.pop("_tokens") for r in ordered]
         metrics = self._metrics(ordered)
-        run_dir = Path(self.trainer.log_dir or ".")
         dm = self.trainer.datamodule
         config = {**dict(self.hparams), "decoding": self.decoding.__dict__,
                   "data": dict(dm.hparams)}

@@ -1,0 +1,155 @@
+"""``python cli.py report``: markdown tables from ``results.json`` files, and README's copies.
+
+Every table of results in README.md sits between ``<!-- report:NAME -->`` and
+``<!-- /report:NAME -->`` and is the output of ``render`` on the committed snapshot
+``docs/results/NAME.json`` (a ``results.json`` copied from the run that made it, which names
+its own command and git sha). ``report --update_readme true`` rewrites those blocks from the
+snapshots; ``tests/test_readme.py`` fails if README and snapshots disagree, so a number in
+README can always be traced to a file and that file to a command.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+SNAPSHOTS = REPO / "docs" / "results"
+BLOCK = re.compile(r"(<!-- report:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=name) -->)",
+                   re.S)
+
+
+class ReportError(ValueError):
+    """A path that holds no readable results.json."""
+
+
+def _load(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    p = p / "results.json" if p.is_dir() else p
+    if not p.is_file():
+        raise ReportError(f"no results.json at {path}")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReportError(f"{p} is not a results.json file: {err}") from None
+
+
+def _num(v: Any, pct: bool = False) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "–"
+    return f"{100 * v:.1f}%" if pct else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def _ci(m: dict[str, Any], pct: bool = False) -> str:
+    s = _num(m["value"], pct)
+    if m.get("ci95"):
+        lo, hi = m["ci95"]
+        s += f" [{_num(lo, pct)}, {_num(hi, pct)}]"
+    return s
+
+
+def _metrics_table(r: dict[str, Any]) -> list[str]:
+    out = ["| metric | value [95% CI] | n |", "|---|---|---|"]
+    for k, v in r["metrics"].items():
+        if isinstance(v, dict) and "value" in v:
+            out.append(f"| {k} | {_ci(v)} | {v.get('n', '')} |")
+        elif isinstance(v, dict) and any(isinstance(x, dict) for x in v.values()):
+            continue  # nested breakdowns (e.g. by family) stay in results.json
+        elif isinstance(v, dict):
+            out.append(f"| {k} | {', '.join(f'{a}={_num(b)}' for a, b in v.items())} | |")
+        else:
+            out.append(f"| {k} | {_num(v) if not isinstance(v, list) else v} | |")
+    return out
+
+
+def _cascade_tables(r: dict[str, Any]) -> list[str]:
+    c = r["comparison"]
+    out = ["| method | accuracy [95% CI] | relative cost [95% CI] |", "|---|---|---|"]
+    for m in ("cascade", "threshold", "random", "always-top", "always-first", "fixed-2stage",
+              "oracle", "oracle-route"):
+        if m in c:
+            out.append(f"| {m} | {_ci(c[m]['accuracy'], True)} | {_ci(c[m]['relative_cost'])} |")
+    out += ["", "| cascade − other (accuracy, paired) | difference [95% CI] |", "|---|---|"]
+    for k, v in c.items():
+        if k.startswith("cascade_minus_"):
+            out.append(f"| {k.removeprefix('cascade_minus_').removesuffix('_accuracy')} | "
+                       f"{_ci(v, True)} |")
+    if r.get("budgets"):
+        out += ["", "| budget | cascade acc / cost | threshold acc / cost | random acc / cost | "
+                "cascade − threshold [95% CI] | cascade − random [95% CI] |",
+                "|---|---|---|---|---|---|"]
+        for b in r["budgets"]:
+            cells = [f"{_num(b[m]['accuracy']['value'], True)} / "
+                     f"{_num(b[m]['relative_cost']['value'])}"
+                     for m in ("cascade", "threshold", "random")]
+            diffs = [_ci(b[f"cascade_minus_{m}_accuracy"], True) for m in ("threshold", "random")]
+            out.append(f"| ≤ {b['budget']} | " + " | ".join(cells + diffs) + " |")
+    if "top_minus_2_points" in c:
+        t = c["top_minus_2_points"]
+        out += ["", f"Reaching always-top − 2 points ({_num(t['target_accuracy'], True)}): "
+                f"cascade at relative cost {_num(t['cascade_cost'])} (λ = "
+                f"{_num(t['cascade_lambda'])}); a routing oracle needs "
+                f"{_num(t['oracle_cost'])}."]
+    if r.get("predictor_auroc"):
+        a = r["predictor_auroc"]
+        per = "; ".join(f"stage {k}: {_num(v['mlp'])} vs {_num(v['logistic_regression'])}"
+                        for k, v in a["per_stage"].items())
+        out += ["", f"Out-of-fold AUROC ({a['features']}, all stages pooled): MLP "
+                f"{_num(a['mlp'])}, logistic regression {_num(a['logistic_regression'])}, "
+                f"difference {_ci(a['difference'])} ({per})."]
+    return out
+
+
+def render(results: dict[str, Any]) -> str:
+    """Markdown for one results.json: the method comparison for cascade runs, else metrics."""
+    lines = _cascade_tables(results) if "comparison" in results and results[
+        "comparison"].get("cascade") else _metrics_table(results)
+    cmd = results.get("command")
+    cmd = " ".join(cmd) if isinstance(cmd, list) else cmd
+    sha = (results.get("git") or {}).get("sha", "")[:10]
+    lines += ["", f"<sub>`{cmd}` · method {results.get('method')} · git {sha} · "
+              f"n = {results.get('data', {}).get('n')}</sub>"]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(readme: Path = REPO / "README.md", snapshots: Path = SNAPSHOTS) -> list[str]:
+    """Rewrite every report block of README from its snapshot; returns the block names."""
+    text, names = readme.read_text(), []
+
+    def sub(m: re.Match) -> str:
+        names.append(m["name"])
+        return m.group(1) + render(_load(snapshots / f"{m['name']}.json")) + m.group(4)
+
+    readme.write_text(BLOCK.sub(sub, text))
+    return names
+
+
+def report(paths: list[str], format: str = "md", snapshot: str | None = None,
+           update_readme_blocks: bool = False) -> str:
+    """Print markdown tables for results.json files (or run directories).
+
+    Args:
+        paths: results.json files or run directories (runs/test/<method>/<time>/).
+        format: md (markdown) or json (the metrics only).
+        snapshot: copy the (single) results file to docs/results/<snapshot>.json, the file a
+            README block <!-- report:<snapshot> --> is rendered from.
+        update_readme_blocks: rewrite README's report blocks from docs/results/.
+    """
+    if format not in ("md", "json"):
+        raise ValueError(f"format must be md or json, got {format!r}")
+    out = []
+    for path in paths:
+        r = _load(path)
+        out.append(render(r) if format == "md" else json.dumps(r["metrics"], indent=1))
+        if snapshot:
+            SNAPSHOTS.mkdir(parents=True, exist_ok=True)
+            src = Path(path) / "results.json" if Path(path).is_dir() else Path(path)
+            shutil.copyfile(src, SNAPSHOTS / f"{snapshot}.json")
+    if update_readme_blocks:
+        out.append(f"README blocks rewritten: {update_readme()}")
+    text = "\n".join(out)
+    print(text)
+    return text
