@@ -137,3 +137,21 @@ def test_two_processes_equal_one(tmp_path):
                         open(f"{run_dir}/examples.jsonl").read())
     assert out[1][1] == out[2][1]
     assert out[1][0] == out[2][0]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("test", "--method", "always-top", "--model.lam", "-1"), "error: lam must be > 0"),
+    (("test", "--method", "cascade", "--model.budgets", "[0.5,-1]"), "error: budgets must be > 0"),
+    (("test", "--method", "always-top", "--model.data_dir", "{empty}", "--data.data_dir",
+      "{empty}"), "error: no prompt under"),
+    (("fit", "--data.data_dir", "{empty}", "--trainer.max_epochs", "1"),
+     "error: no train records under"),
+])
+def test_bad_cascade_input_is_one_line(flags, message, tmp_path):
+    (tmp_path / "humaneval").mkdir()
+    (tmp_path / "humaneval" / "stage0-x.jsonl").write_text("")  # an empty records file
+    args = [a.replace("{empty}", str(tmp_path)) for a in flags]
+    proc = subprocess.run([sys.executable, "cli.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)

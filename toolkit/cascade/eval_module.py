@@ -20,6 +20,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from torch.utils.data import DataLoader
 
 from toolkit.cascade import replay
+from toolkit.cascade.features import CascadeInputError
 from toolkit.evaluation.results import collect_rows, metric, paired_difference, write_results
 
 FIXED = ("always-top", "always-first", "fixed-2stage", "oracle", "oracle-route")
@@ -68,16 +69,20 @@ class CascadeReplayEval(LightningModule):
                  schema: str = "topk", num_stages: int = 3, seed: int = 0,
                  random_seeds: int = 3) -> None:
         super().__init__()
-        if method not in METHODS:
-            raise ValueError(f"unknown cascade method {method!r}; choose from {METHODS}")
-        if lam <= 0:
-            raise ValueError(f"lam must be > 0, got {lam}")
-        if budgets and min(budgets) <= 0:
-            raise ValueError(f"budgets must be > 0, got {budgets}")
         self.save_hyperparameters()
         self.sweep = sweep or [0.1, 0.2, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10, 15, 20, 50]
         self.budgets = budgets or []
         self.rows: list[dict[str, Any]] = []
+
+    def setup(self, stage: str) -> None:
+        # Checked here, not in __init__: jsonargparse would bury the message in its own.
+        hp = self.hparams
+        if hp.method not in METHODS:
+            raise CascadeInputError(f"unknown cascade method {hp.method!r}; choose from {METHODS}")
+        if hp.lam <= 0:
+            raise CascadeInputError(f"lam must be > 0, got {hp.lam}")
+        if self.budgets and min(self.budgets) <= 0:
+            raise CascadeInputError(f"budgets must be > 0, got {self.budgets}")
 
     # ------------------------------------------------------------ decisions
     def on_test_start(self) -> None:

@@ -27,8 +27,15 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.cli import UserError
+
 QUANTILES = (0.05, 0.25, 0.5, 0.75)
 TAIL = 32
+
+
+class CascadeInputError(UserError, ValueError):
+    """Bad cascade input (records, settings): a ValueError for library callers, one
+    ``error: ...`` line from ``cli.py``."""
 
 
 class FeatureSchemaError(ValueError):
@@ -153,5 +160,5 @@ def record_features(rec: dict[str, Any], schema: FeatureSchema) -> np.ndarray:
     if out.shape != (schema.dim,):
         raise AssertionError(f"schema {schema.id} has {schema.dim} names, built {out.shape}")
     if not np.isfinite(out).all():
-        raise ValueError(f"non-finite feature in record {rec.get('id')} stage {stage}")
+        raise CascadeInputError(f"non-finite feature in record {rec.get('id')} stage {stage}")
     return out

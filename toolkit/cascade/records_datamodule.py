@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from toolkit.cascade.features import FeatureSchema, build_schema, record_features
+from toolkit.cascade.features import CascadeInputError, FeatureSchema, build_schema, record_features
 from toolkit.common.io import read_jsonl
 
 TARGETS = ("correct", "agreement")
@@ -110,6 +110,6 @@ class CascadeRecordsDataModule(LightningDataModule):
         stream = StageRecordStream(self.files, split, self.schema, self.hparams.bleu_threshold)
         rows = list(stream)
         if not rows:
-            raise ValueError(f"no {split} records under {self.hparams.data_dir}")
+            raise CascadeInputError(f"no {split} records under {self.hparams.data_dir}")
         return (torch.stack([r[0] for r in rows]).numpy(),
                 torch.stack([r[1] for r in rows]).numpy())

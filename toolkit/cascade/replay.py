@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolkit.cascade.features import FeatureSchema, build_schema, record_features
+from toolkit.cascade.features import CascadeInputError, FeatureSchema, build_schema, record_features
 from toolkit.cascade.records_datamodule import record_files
 from toolkit.cascade.stopping import StoppingPolicy, calibrate_lambda, evaluate, fit_policy
 from toolkit.common.io import read_jsonl
@@ -61,7 +61,7 @@ def load_prompt_table(data_dir: str | Path, schema: str = "topk", num_stages: in
     ids = sorted(i for i, st in by_id.items() if len(st) == num_stages
                  and all(st[k]["correct"] is not None for k in range(num_stages)))
     if not ids:
-        raise ValueError(f"no prompt under {data_dir} has scored records for all "
+        raise CascadeInputError(f"no prompt under {data_dir} has scored records for all "
                          f"{num_stages} stages")
     rec = [[by_id[i][k] for k in range(num_stages)] for i in ids]
     Y = np.array([[float(s["correct"]) for s in row] for row in rec])
