@@ -260,3 +260,29 @@ def test_two_processes_equal_one(tiny_lm, tiny_lm_b, prompts_file):
     (rows1, res1), (rows2, res2) = out[1], out[2]
     assert len(rows1) == 5 and untimed(rows2) == untimed(rows1)
     assert untimed(res2["metrics"]) == untimed(res1["metrics"])
+
+
+def test_resume_dir_keeps_rows_and_skips_done_batches(tiny_lm, tiny_lm_b, prompts_file,
+                                                      tmp_path):
+    args = ["test", "--method", "qstar-entropy",
+            "--model.init_args.model_theta", str(tiny_lm),
+            "--model.init_args.model_t", str(tiny_lm_b),
+            "--model.init_args.decoding.max_new_tokens", "6",
+            "--model.init_args.resume_dir", str(tmp_path),
+            "--data.init_args.task", str(prompts_file), "--data.init_args.limit", "4",
+            "--data.init_args.batch_size", "2"]
+    first = Path(cli.main(args).trainer.log_dir)
+    store = tmp_path / "qstar-entropy.rows.jsonl"
+    lines = store.read_text().splitlines()
+    assert len(lines) == 4
+    # Drop the second batch, as a kill after the first batch would have left the file.
+    store.write_text("\n".join(lines[:2]) + "\n")
+    second = Path(cli.main(args).trainer.log_dir)
+    assert store.read_text().splitlines()[:2] == lines[:2] and len(store.read_text().splitlines()) == 4
+    untimed = {"wall", "wall_share"}
+    rows = [[{k: v for k, v in r.items() if k not in untimed} for r in read_jsonl(d / "examples.jsonl")]
+            for d in (first, second)]
+    assert rows[0] == rows[1]
+    # A changed configuration is refused instead of mixing rows.
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--model.init_args.decoding.max_new_tokens", "7"])

@@ -16,6 +16,7 @@ parsing a config (``--print_config``) never touches weights.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -74,13 +75,18 @@ class QStarEval(LightningModule):
         dtype: weights dtype.
         device: cpu or cuda.
         seed: recorded in results.json (sampling seeds come from ``decoding.seed``).
+        resume_dir: keep every scored row in ``<resume_dir>/<method>.rows.jsonl`` as soon as
+            its batch is done, and skip the batches already there when run again (one
+            process; the file's config fingerprint refuses a changed configuration). Lets a
+            long comparison (``configs/qstar/compare.yaml``) run across sessions.
     """
 
     def __init__(self, method: str = "qstar",
                  model_theta: str = "zoo:qwen2.5-coder-0.5b-instruct",
                  model_t: str = "zoo:qwen2.5-coder-1.5b-instruct", fixed_alpha: float = 0.5,
                  decoding: DecodingConfig | None = None,
-                 dtype: str = "float32", device: str = "cpu", seed: int = 0) -> None:
+                 dtype: str = "float32", device: str = "cpu", seed: int = 0,
+                 resume_dir: str | None = None) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown q* method {method!r}; choose from {', '.join(METHODS)}")
@@ -88,10 +94,26 @@ class QStarEval(LightningModule):
         self.decoding = decoding or DecodingConfig(max_new_tokens=256)
         self.rows: list[dict[str, Any]] = []
         self.engine: Any = None
+        self.store: Any = None
+        self.stored: dict[str, dict[str, Any]] = {}
+
+    def _open_store(self) -> None:
+        from toolkit.common.io import JsonlAppender
+
+        hp, dm = self.hparams, self.trainer.datamodule
+        if self.trainer.world_size > 1:
+            raise ValueError("resume_dir works in one process; drop it or use devices=1")
+        config = {k: v for k, v in dict(hp).items() if k not in ("device", "resume_dir")}
+        config.update(decoding=self.decoding.__dict__, data=dict(dm.hparams))
+        self.store = JsonlAppender(Path(hp.resume_dir) / f"{hp.method}.rows.jsonl", "id",
+                                   json.loads(json.dumps(config, default=str)))
+        self.stored = {r["id"]: r for r in self.store.rows()}
 
     def on_test_start(self) -> None:
         hp = self.hparams
         t0 = time.perf_counter()
+        if hp.resume_dir:
+            self._open_store()
         if METHODS[hp.method] is not None:
             from toolkit.qstar.sampler import QStarSampler
 
@@ -112,6 +134,9 @@ class QStarEval(LightningModule):
         dm = self.trainer.datamodule
         idx = batch.tolist()
         examples = [dm.examples[i] for i in idx]
+        if examples and all(ex.id in self.stored for ex in examples):
+            self.rows += [self.stored[ex.id] for ex in examples]  # done in an earlier run
+            return
         reqs = [GenerationRequest(ex.prompt, seed=i) for i, ex in zip(idx, examples)]
         t0 = time.perf_counter()
         # One DataModule batch is one decoding batch (its batch_size sets both).
@@ -136,6 +161,8 @@ class QStarEval(LightningModule):
             row["_tokens"] = {k: np.asarray(out.extra[k], dtype=float).tolist()
                               for k in ("alpha", "kl_theta", "kl_t") if k in out.extra}
             self.rows.append(row)
+        if self.store is not None:
+            self.store.append(self.rows[-len(outs):])
 
     def on_test_epoch_end(self) -> None:
         ordered = collect_rows(self.rows, self.trainer.global_rank)
