@@ -130,9 +130,14 @@ def _train_predictor(X: np.ndarray, y: np.ndarray, hidden: tuple[int, ...], step
 def predict(model: torch.nn.Module, X: np.ndarray) -> np.ndarray:
     """p for every (prompt, stage): X [N, L, F] -> [N, L]."""
     n, L, F = X.shape
-    with torch.no_grad():
-        return model(torch.from_numpy(X.reshape(n * L, F).astype(np.float32))).numpy().reshape(
-            n, L)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one summation order everywhere: replay results are reproducible
+    try:
+        with torch.no_grad():
+            x = torch.from_numpy(X.reshape(n * L, F).astype(np.float32))
+            return model(x).numpy().reshape(n, L)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def out_of_fold_scores(X: np.ndarray, Y: np.ndarray, folds: np.ndarray,
