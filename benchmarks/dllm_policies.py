@@ -1,12 +1,13 @@
 """All diffusion decoding policies on the same held-out problems, side by side in one run.
 
-    python benchmarks/dllm_policies.py [--ckpt checkpoints/dllm/small/model.ckpt] [--n 20]
+    python benchmarks/dllm_policies.py [--ckpt checkpoints/dllm/small/model.ckpt] [--n 50]
 
 For each family the toolkit's small diffusion LM was trained on (short answers), the same
 held-out problems are decoded by every policy, one after the other, batch 1, greedy:
 ``llada`` (reference, steps = gen_length, block 32: Fast-dLLM's baseline), ``fastdllm``
 (block 32, τ 0.9, prefix cache), ``adaptive`` (the seed's defaults) and its ablations. Reports
-accuracy, mean NFE (with the lower bound ceil(L_eff/B) beside it) and wall time, and the
+accuracy, mean NFE (with the lower bound ceil(L_eff/B) beside it), wall time and answer
+tokens per second (after one untimed warm-up problem per policy), and the
 ratios the issue asks for: NFE fastdllm / adaptive (goal ≥ 1.3 at equal or better accuracy)
 and wall llada / fastdllm and llada / adaptive (goal ≥ 5, at the same gen length).
 """
@@ -14,6 +15,7 @@ and wall llada / fastdllm and llada / adaptive (goal ≥ 5, at the same gen leng
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import torch
@@ -33,13 +35,24 @@ POLICIES = {
 }
 
 
+def _summary(rs: list[dict]) -> dict[str, float]:
+    s = {k: float(np.mean([r[k] for r in rs])) for k in ("correct", "nfe", "lower_bound")}
+    s["wall"] = float(np.sum([r["wall_s"] for r in rs]))
+    s["tok_s"] = float(np.sum([r["answer_tokens"] for r in rs])) / max(s["wall"], 1e-12)
+    return s
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ckpt", default="checkpoints/dllm/small/model.ckpt")
-    ap.add_argument("--n", type=int, default=20, help="held-out problems per family")
+    ap.add_argument("--n", type=int, default=50, help="held-out problems per family (the "
+                    "first n of the test split, as `cli.py test --method dllm-*` decodes)")
     ap.add_argument("--families", nargs="*",
                     default=["spell_backward", "word_sorting", "number_sorting", "chain_sum"])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (timings)")
+    ap.add_argument("--json", default=None, help="also write the summaries to this file")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     model, tok, meta = load_diffusion_checkpoint_with_meta(a.ckpt)
     model.eval()
     rows: dict[str, list[dict]] = {name: [] for name in POLICIES}
@@ -54,23 +67,43 @@ def main() -> None:
                 args["block_length"] = min(args["block_length"], gen)
             if kind == "fastdllm":
                 args["block_length"] = min(args["block_length"], gen)
+            policy = make_policy(kind, **args)
             with torch.inference_mode():
-                rows[name] += decode_problems(model, tok, probs, make_policy(kind, **args), gen)
+                decode_problems(model, tok, probs[:1], policy, gen)  # warm-up, not timed
+                rows[name] += decode_problems(model, tok, probs, policy, gen)
     print(f"checkpoint {a.ckpt}; {a.n} held-out problems x {len(a.families)} families, batch 1, "
           f"greedy, threads {torch.get_num_threads()}")
-    print(f"{'policy':24} {'acc':>6} {'NFE':>7} {'bound':>6} {'wall s':>8}")
-    summary = {}
-    for name, rs in rows.items():
-        s = {k: float(np.mean([r[k] for r in rs])) for k in ("correct", "nfe", "lower_bound")}
-        s["wall"] = float(np.sum([r["wall_s"] for r in rs]))
-        summary[name] = s
-        print(f"{name:24} {s['correct']:6.3f} {s['nfe']:7.1f} {s['lower_bound']:6.1f} "
-              f"{s['wall']:8.1f}")
+    print(f"{'policy':24} {'acc':>6} {'NFE':>7} {'bound':>6} {'wall s':>8} {'tok/s':>8}")
+    summary = {name: _summary(rs) for name, rs in rows.items()}
+    for name, s in summary.items():
+        print(f"{name:24} {s['correct']:6.3f} {s['nfe']:7.2f} {s['lower_bound']:6.2f} "
+              f"{s['wall']:8.2f} {s['tok_s']:8.1f}")
+    print("\nper family: accuracy / mean NFE")
+    print(f"{'family':16}" + "".join(f"{n:>24}" for n in POLICIES))
+    per_family = {}
+    for fam in a.families:
+        per_family[fam] = {n: _summary([r for r in rs if r["family"] == fam])
+                           for n, rs in rows.items()}
+        print(f"{fam:16}" + "".join(f"{s['correct']:>14.3f} / {s['nfe']:6.2f}"
+                                    for s in per_family[fam].values()))
     f, ad, ll = summary["fastdllm"], summary["adaptive"], summary["llada"]
-    print(f"NFE fastdllm / adaptive: {f['nfe'] / ad['nfe']:.2f} "
+    print(f"\nNFE fastdllm / adaptive: {f['nfe'] / ad['nfe']:.2f} "
           f"(accuracy {ad['correct']:.3f} vs {f['correct']:.3f})")
     print(f"wall llada / fastdllm: {ll['wall'] / f['wall']:.1f}x; "
-          f"llada / adaptive: {ll['wall'] / ad['wall']:.1f}x (same gen lengths)")
+          f"llada / adaptive: {ll['wall'] / ad['wall']:.1f}x (llada steps = gen_length, "
+          "same gen lengths)")
+    print(f"throughput adaptive vs fastdllm: {100 * (ad['tok_s'] / f['tok_s'] - 1):+.1f}%; "
+          f"accuracy {100 * (ad['correct'] - f['correct']):+.1f} points")
+    print("ablation (full adaptive minus the variant without the component):")
+    for name in ("adaptive-no-block", "adaptive-no-threshold", "adaptive-no-cache"):
+        s = summary[name]
+        print(f"  {name:24} accuracy {100 * (ad['correct'] - s['correct']):+.1f} points, "
+              f"throughput {100 * (ad['tok_s'] / s['tok_s'] - 1):+.1f}%, "
+              f"NFE {s['nfe']:.2f} -> {ad['nfe']:.2f}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"ckpt": a.ckpt, "n": a.n, "threads": torch.get_num_threads(),
+                       "summary": summary, "per_family": per_family}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ spans (arithmetic, ordering), so that an adaptive decoder has something to adapt
 family has long answers (a 512-token generation) for the long-context case:
 
 ==================== ===================== ====== ===========================================
-family               reasoning-gym dataset kind   answer
+family               reasoning-gym dataset kind   answer (generation length)
 ==================== ===================== ====== ===========================================
-spell_backward       spell_backward        easy   a 3–10 letter word reversed
-word_sorting         word_sorting          medium 3–5 words sorted, ``", "``-joined
-number_sorting       number_sorting        medium ``['52.2', '30.0', ...]`` (format is easy)
-chain_sum            chain_sum             hard   the value of ``a ± b [± c]``
-word_reversal_long   word_sequence_reversal long   45–60 words in reverse order (≤ 511 chars)
+spell_backward       spell_backward        easy   a 3–8 letter word reversed (32)
+word_sorting         word_sorting          medium 3 lowercase 3–6 letter words sorted,
+                                                  ``", "``-joined (64)
+number_sorting       number_sorting        medium ``['52.0', '30.0', '4.0']``: 3 integers in
+                                                  0–99, sorted (the format is easy) (64)
+chain_sum            chain_sum             hard   the value of ``a ± b``, 1–2 digits (32)
+word_reversal_long   word_sequence_reversal long   45–60 words in reverse order (512)
 ==================== ===================== ====== ===========================================
 
 reasoning-gym generates the problems; the prompt is rebuilt compactly from each item's
