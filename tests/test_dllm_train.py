@@ -297,7 +297,9 @@ def _untimed(obj):
 def test_two_process_test_equals_one_process(debug_ckpt: Path):
     """`test --method dllm-adaptive` over 2 CPU ranks (gloo, the Trainer's ddp_fork: the
     Trainer shards the problems with its DistributedSampler, rank 0 gathers the rows with
-    `collect_rows`) gives the same rows and metrics as 1 process, timings aside. ~70 s."""
+    `collect_rows`) gives the same rows and metrics as 1 process, timings aside. 26-45 s
+    on the shared 2-core machine, hence slow. (`ddp`, which re-runs the script, cannot work
+    here: cli.py clears sys.argv; `ddp_spawn` cannot pickle the CLI class.)"""
     common = ("test", "--method", "dllm-adaptive", "--model.init_args.checkpoint",
               str(debug_ckpt), "--data.init_args.n_per_family", "3")
     out = {}
