@@ -149,10 +149,8 @@ class CascadeReplayEval(LightningModule):
 
     # -------------------------------------------------------------- results
     def on_test_epoch_end(self) -> None:
-        rows_sorted = collect_rows(self.rows, self.trainer.global_rank)
+        rows_sorted, run_dir = collect_rows(self.rows, self.trainer)
         self.rows = []
-        # Trainer.log_dir broadcasts under DDP: every rank must ask, not only rank 0.
-        run_dir = Path(self.trainer.log_dir or ".")
         if rows_sorted is None:
             return
         metrics = self._metrics(rows_sorted)

@@ -122,10 +122,16 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
 
-def collect_rows(rows: list[dict[str, Any]], global_rank: int) -> list[dict[str, Any]] | None:
+def collect_rows(rows: list[dict[str, Any]], trainer: Any
+                 ) -> tuple[list[dict[str, Any]] | None, Path]:
     """Every rank's rows, de-duplicated by id (samplers may repeat an example to even out
-    ranks) and sorted by id, on rank 0; None on the other ranks."""
+    ranks) and sorted by id, on rank 0 (None on the other ranks), and the run directory.
+
+    Every rank must call it: both the gather and ``Trainer.log_dir`` (a broadcast) are
+    collective under DDP, and a rank that skips them hangs the others.
+    """
     merged = {r["id"]: r for r in gather_rows(rows)}
-    if global_rank != 0:
-        return None
-    return [merged[k] for k in sorted(merged)]
+    run_dir = Path(trainer.log_dir or ".")
+    if trainer.global_rank != 0:
+        return None, run_dir
+    return [merged[k] for k in sorted(merged)], run_dir

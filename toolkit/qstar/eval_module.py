@@ -165,10 +165,8 @@ class QStarEval(LightningModule):
             self.store.append(self.rows[-len(outs):])
 
     def on_test_epoch_end(self) -> None:
-        ordered = collect_rows(self.rows, self.trainer.global_rank)
+        ordered, run_dir = collect_rows(self.rows, self.trainer)
         self.rows = []
-        # Trainer.log_dir broadcasts under DDP: every rank must ask, not only rank 0.
-        run_dir = Path(self.trainer.log_dir or ".")
         if ordered is None:
             return
         per_token = [r.pop("_tokens") for r in ordered]
