@@ -44,6 +44,26 @@ def test_continuous_batching_refill_matches_single_runs(backend):
         np.testing.assert_allclose(out.entropies, single.entropies, atol=1e-4)
 
 
+def test_on_step_abandons_rows_others_unchanged(backend):
+    """A row the hook abandons (its client went away) leaves at once; the others decode on
+    exactly as if it had never been there."""
+    cfg = DecodingConfig(max_new_tokens=10)
+    reqs = [GenerationRequest(p) for p in PROMPTS[:3]]
+    seen: list[list[int]] = []
+
+    def hook(rows: list[int], tokens: list[int]) -> list[int]:
+        seen.append(rows)
+        return [1] if len(seen) == 3 else []
+
+    outs = backend.generate(reqs, cfg, batch_size=3, on_step=hook)
+    assert outs[1].stop_reason == "cancelled" and outs[1].generated_tokens == 3
+    assert all(1 not in rows for rows in seen[3:])
+    for i in (0, 2):
+        alone = backend.generate([reqs[i]], cfg, batch_size=1)[0]
+        assert outs[i].token_ids.tolist() == alone.token_ids.tolist()
+        assert outs[i].stop_reason == alone.stop_reason
+
+
 def test_token_stats_match_full_distribution(backend):
     cfg = DecodingConfig(max_new_tokens=5)
     out = backend.generate([GenerationRequest(PROMPTS[1])], cfg)[0]

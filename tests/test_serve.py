@@ -330,6 +330,12 @@ def test_queue_full_timeout_and_lambda_override(bundle, tmp_path):
         assert "server busy" in busy[0].json()["error"]["message"]
         slow = [r for r in replies if r.status_code == 504]
         assert slow and "request timeout" in slow[0].json()["error"]["message"], codes
+        # The timed-out requests stopped decoding mid-answer instead of running to 400 tokens.
+        deadline = time.monotonic() + 30
+        while (stats := httpx.get(srv.url + "/stats", headers=AUTH).json()["requests"]
+               )["in_flight"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert stats["in_flight"] == 0 and stats["abandoned_mid_decode"] >= 1, stats
     finally:
         assert srv.graceful(srv.stop())
 

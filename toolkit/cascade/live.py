@@ -10,7 +10,7 @@ ONNX predictor, and each one stops or moves on.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +110,7 @@ class LiveCascade:
 
     def run_stage(self, k: int, requests: Sequence[GenerationRequest],
                   histories: Sequence[History], decoding: DecodingConfig | None = None,
-                  on_step: Callable[[list[int], list[int]], None] | None = None
+                  on_step: Callable[[list[int], list[int]], Iterable[int] | None] | None = None
                   ) -> list[StageStep]:
         """Generate stage k's answers for a batch, score them and decide for each.
 

@@ -61,7 +61,8 @@ LOSS_WEIGHTINGS = ("inverse_t", "none")
 
 
 def diffusion_loss(logits: Tensor, targets: Tensor, masked: Tensor, t: Tensor,
-                   answer_mask: Tensor, weighting: str = "inverse_t") -> Tensor:
+                   answer_mask: Tensor, weighting: str = "inverse_t",
+                   token_weight: Tensor | None = None) -> Tensor:
     """The masked-token cross-entropy.
 
     ``inverse_t`` is LLaDA's loss: Σ over masked tokens of CE/t, divided by each row's answer
@@ -69,15 +70,34 @@ def diffusion_loss(logits: Tensor, targets: Tensor, masked: Tensor, t: Tensor,
     ``none`` is the plain mean CE over the batch's masked tokens: the same minimiser (the
     per-position predictor does not depend on t's weight), without the 1/t factor that gives a
     lightly masked row up to 1/eps times the weight — a much noisier gradient at small batch.
+
+    ``token_weight`` (same shape as ``targets``) scales each token's CE; with ``none`` the
+    result is the weighted mean, so down-weighting the EOS padding shifts the gradient onto
+    the answer's content without changing the loss's scale.
     """
     ce = F.cross_entropy(logits[masked].float(), targets[masked], reduction="none")
     if weighting == "none":
-        return ce.sum() / masked.sum().clamp(min=1)
+        if token_weight is None:
+            return ce.sum() / masked.sum().clamp(min=1)
+        w = token_weight[masked].to(ce.dtype)
+        return (w * ce).sum() / w.sum().clamp(min=1e-8)
+    if token_weight is not None:
+        ce = ce * token_weight[masked].to(ce.dtype)
     if weighting != "inverse_t":
         raise ValueError(f"loss weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
     rows = masked.nonzero()[:, 0]
     answer_len = answer_mask.sum(-1).clamp(min=1).to(ce.dtype)
     return (ce / t[rows] / answer_len[rows]).sum() / targets.shape[0]
+
+
+def padding_weights(targets: Tensor, answer_mask: Tensor, eos_id: int,
+                    padding_weight: float) -> Tensor:
+    """Per-token loss weights: ``padding_weight`` on the EOS padding after an answer's first
+    EOS (the first EOS, which marks where the answer ends, keeps weight 1), 1 elsewhere."""
+    eos = (targets == eos_id) & answer_mask
+    padding = eos & (eos.long().cumsum(-1) >= 2)
+    weight = torch.ones(targets.shape, dtype=torch.float32, device=targets.device)
+    return weight.masked_fill(padding, padding_weight)
 
 
 def sample_t(batch: int, eps: float, device: torch.device | str,
@@ -231,6 +251,10 @@ class MaskedDiffusionLM(LightningModule):
         loss_weighting: ``inverse_t`` (LLaDA's 1/t-weighted loss) or ``none`` (mean CE over
             masked tokens); see :func:`diffusion_loss`.
         stratified_t: draw the batch's mask ratios stratified (see :func:`sample_t`).
+        padding_weight: loss weight of the EOS padding after an answer's first EOS (1 = LLaDA's
+            objective). The padding is most of a short answer's positions and trivially
+            predictable once the length is known, so a lower weight spends the gradient on
+            content; the first EOS keeps weight 1, so the length is still learnt.
     """
 
     def __init__(self, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
@@ -238,8 +262,10 @@ class MaskedDiffusionLM(LightningModule):
                  rope_theta: float = 10000.0, lr: float = 1e-3, weight_decay: float = 0.01,
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, eps: float = 1e-3,
                  init_seed: int = 0, loss_weighting: str = "inverse_t",
-                 stratified_t: bool = False) -> None:
+                 stratified_t: bool = False, padding_weight: float = 1.0) -> None:
         super().__init__()
+        if not 0.0 <= padding_weight <= 1.0:
+            raise ValueError(f"padding_weight must be in [0, 1], got {padding_weight}")
         if not 0.0 < eps < 1.0:
             raise ValueError(f"eps must be in (0, 1), got {eps}")
         if loss_weighting not in LOSS_WEIGHTINGS:
@@ -268,7 +294,9 @@ class MaskedDiffusionLM(LightningModule):
         hp = self.hparams
         t = sample_t(ids.shape[0], hp.eps, ids.device, generator, hp.stratified_t)
         noisy, masked = forward_process(ids, ans, t, self.tokenizer.MASK, generator)
-        return diffusion_loss(self(noisy, am), ids, masked, t, ans, hp.loss_weighting)
+        weight = (None if hp.padding_weight == 1.0
+                  else padding_weights(ids, ans, self.tokenizer.EOS, hp.padding_weight))
+        return diffusion_loss(self(noisy, am), ids, masked, t, ans, hp.loss_weighting, weight)
 
     def training_step(self, batch: dict[str, Any], _: int) -> Tensor:
         loss = self._loss(batch, None)

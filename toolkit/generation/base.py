@@ -73,7 +73,8 @@ class GenerationOutput:
     token_ids: np.ndarray
     prompt_tokens: int
     stop_reason: str
-    """'eos' (the model ended its answer) or 'length' (max_new_tokens reached)."""
+    """'eos' (the model ended its answer), 'length' (max_new_tokens reached) or 'cancelled'
+    (abandoned by the caller's ``on_step`` hook: the client went away)."""
     wall_s: float
     """Seconds from the start of the batch until this request finished."""
     token_logprobs: np.ndarray | None = None

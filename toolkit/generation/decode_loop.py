@@ -15,7 +15,7 @@ the shorter cache on the left; leading columns that are padding for every row ar
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -120,12 +120,14 @@ class DecodeLoop:
     def run(self, prompts: list[list[int]], budgets: list[int], seeds: list[int],
             config: DecodingConfig, max_active: int = 8,
             decode: Callable[[np.ndarray], str] | None = None,
-            on_step: Callable[[list[int], list[int]], None] | None = None
+            on_step: Callable[[list[int], list[int]], Iterable[int] | None] | None = None
             ) -> list[GenerationOutput]:
         """Decode every prompt; ``wall_s`` runs from a request's prefill to its last token.
 
         ``on_step(request indices, token ids)``, if given, is called after every step with the
         token each decoding row just emitted (the server streams the top stage live with it).
+        It may return request indices to abandon (their clients went away): those rows leave
+        the batch at once with stop reason ``cancelled``, so nobody pays for unread tokens.
         """
         t0 = time.perf_counter()
         n, dev = len(prompts), self.device
@@ -162,20 +164,24 @@ class DecodeLoop:
             rows = None if generators is None else [generators[i] for i in active.tolist()]
             nxt, logprobs, extra = self.picker(logits, config, rows)
             buf_ids[active, steps] = nxt
-            if on_step is not None:
-                on_step(active.tolist(), nxt.tolist())
+            abandon = on_step(active.tolist(), nxt.tolist()) if on_step is not None else None
             if config.token_stats:
                 record(token_stats(logprobs, nxt, k))
             record(extra)
             steps = steps + 1
             ended = torch.isin(nxt, eos) if self.eos_ids else torch.zeros_like(nxt, dtype=bool)
             done = ended | (budget_all[active] <= steps)
+            cancelled = torch.zeros_like(done)
+            if abandon:
+                cancelled = torch.isin(active, torch.tensor(list(abandon), device=dev))
+                done = done | cancelled
             if done.any():
                 now = time.perf_counter() - t0
                 for j in done.nonzero().flatten().tolist():
                     r = int(active[j])
                     lengths[r], wall[r] = int(steps[j]), now - admitted[r]
-                    stop[r] = "eos" if bool(ended[j]) else "length"
+                    stop[r] = ("cancelled" if bool(cancelled[j]) else
+                               "eos" if bool(ended[j]) else "length")
                 keep = (~done).nonzero().flatten()
                 active, steps, nxt = active[keep], steps[keep], nxt[keep]
                 if len(active) == 0:

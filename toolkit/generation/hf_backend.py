@@ -11,7 +11,7 @@ loop itself lives in ``decode_loop.py``, shared with the q* sampler. ``benchmark
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -25,7 +25,7 @@ from toolkit.generation.base import (
 from toolkit.generation.decode_loop import DecodeLoop
 from toolkit.models import loading
 
-OnStep = Callable[[list[int], list[int]], None]
+OnStep = Callable[[list[int], list[int]], Iterable[int] | None]
 
 
 class ContextLengthError(ValueError):

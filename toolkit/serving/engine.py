@@ -175,12 +175,15 @@ class CascadeEngine:
                            top_p=batch[0].top_p)
         requests = [GenerationRequest(j.prompt, seed=j.seed, max_new_tokens=j.max_tokens)
                     for j in batch]
-        streaming = {i: j for i, j in enumerate(batch) if j.events is not None and k == self.top}
-        on_step = self._streamer(k, streaming) if streaming else None
         self.stats.batch(k, len(batch))
         steps = self.cascade.run_stage(k, requests, [j.history for j in batch], decoding,
-                                       on_step)
+                                       self._step_hook(k, batch))
         for job, st in zip(batch, steps):
+            if st.output.stop_reason == "cancelled":
+                with self.cond:
+                    self.stats.in_flight -= 1
+                    self.stats.abandoned += 1
+                continue
             job.history = st.history
             job.traces.append(st.trace)
             if st.decision.action == "stop":
@@ -195,21 +198,29 @@ class CascadeEngine:
                 self.stats.queue_depth += 1
                 self.cond.notify_all()
 
-    def _streamer(self, k: int, jobs: dict[int, Job]) -> Any:
-        """The decode loop's per-step hook: send each streaming job its new text."""
+    def _step_hook(self, k: int, batch: list[Job]) -> Any:
+        """The decode loop's per-step hook: abandon the rows of cancelled jobs (their client
+        timed out or went away, so their tokens would be decoded for nobody) and, on the top
+        stage, send each streaming job its new text."""
         tokenizer = self.cascade.backends[k].tokenizer
-        ids: dict[int, list[int]] = {i: [] for i in jobs}
+        streaming = k == self.top
+        ids: dict[int, list[int]] = {i: [] for i in range(len(batch))}
 
-        def on_step(rows: list[int], tokens: list[int]) -> None:
+        def on_step(rows: list[int], tokens: list[int]) -> list[int]:
+            abandon = []
             for i, tok in zip(rows, tokens):
-                job = jobs.get(i)
-                if job is None or job.cancelled:
+                job = batch[i]
+                if job.cancelled:
+                    abandon.append(i)
+                    continue
+                if not streaming or job.events is None:
                     continue
                 ids[i].append(tok)
                 text = tokenizer.decode(ids[i], skip_special_tokens=True)
                 if text.endswith("\ufffd") or not text.startswith(job.sent_text):
                     continue  # an incomplete UTF-8 character: wait for the next token
                 self._send_delta(job, text[len(job.sent_text):])
+            return abandon
 
         return on_step
 

@@ -36,6 +36,7 @@ class ServerStats:
         self.batched_requests: Counter[int] = Counter()  # stage -> requests in them
         self.queue_depth = 0
         self.in_flight = 0
+        self.abandoned = 0  # requests whose decoding stopped mid-answer: the client left
 
     # ------------------------------------------------------------------ writes
     def response(self, endpoint: str, status: int) -> None:
@@ -82,7 +83,8 @@ class ServerStats:
                 "requests": {"total": sum(self.responses.values()), "ok": ok,
                              "errors": sum(self.responses.values()) - ok,
                              "by_endpoint": by_endpoint,
-                             "in_flight": self.in_flight, "queued": self.queue_depth},
+                             "in_flight": self.in_flight, "queued": self.queue_depth,
+                             "abandoned_mid_decode": self.abandoned},
                 "stops_per_stage": list(self.stops),
                 "stages": list(self.stage_names),
                 "latency_ms": {**self._pct(self.latency_s),
@@ -139,6 +141,9 @@ class ServerStats:
                [("", s["generated_tokens"])])
         metric("toolkit_in_flight_requests", "gauge", "Requests queued or running",
                [("", s["requests"]["in_flight"])])
+        metric("toolkit_abandoned_requests_total", "counter",
+               "Requests whose decoding was stopped mid-answer because the client left",
+               [("", s["requests"]["abandoned_mid_decode"])])
         metric("toolkit_queued_requests", "gauge", "Requests waiting for a stage",
                [("", s["requests"]["queued"])])
         return "\n".join(lines) + "\n"
