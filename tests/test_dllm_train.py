@@ -30,6 +30,7 @@ from toolkit.dllm.train_module import (
     forward_process,
     load_diffusion_checkpoint,
     load_diffusion_checkpoint_with_meta,
+    padding_weights,
     sample_t,
 )
 
@@ -123,6 +124,31 @@ def test_unweighted_loss_and_stratified_t():
     # One draw in each eighth of [eps, 1): every batch spans light to heavy masking.
     slots = sorted(((ts - 1e-3) / (1 - 1e-3) * 8).floor().long().tolist())
     assert slots == list(range(8))
+
+
+def test_padding_weight_down_weights_only_the_eos_padding():
+    eos = CharTokenizer().EOS
+    targets = torch.tensor([[7, 8, 9, 10, 11, eos, eos, eos], [7, 7, 8, 9, 10, 11, 12, eos]])
+    answer = torch.zeros_like(targets, dtype=torch.bool)
+    answer[:, 3:] = True  # the first 3 columns are prompt
+    w = padding_weights(targets, answer, eos, 0.1)
+    # Row 0: the first EOS (column 5) marks the end and keeps 1; the padding after it gets 0.1.
+    assert w[0].tolist() == pytest.approx([1, 1, 1, 1, 1, 1, 0.1, 0.1])
+    assert w[1].tolist() == [1.0] * 8
+    vocab = CharTokenizer().vocab_size
+    logits = torch.randn(*targets.shape, vocab, generator=torch.Generator().manual_seed(0))
+    masked = answer.clone()
+    t = torch.tensor([0.5, 0.5])
+    ce = torch.nn.functional.cross_entropy(logits[masked], targets[masked], reduction="none")
+    wm = w[masked]
+    got = diffusion_loss(logits, targets, masked, t, answer, "none", w)
+    assert got.item() == pytest.approx(((wm * ce).sum() / wm.sum()).item(), rel=1e-6)
+    ones = torch.ones_like(w)
+    assert diffusion_loss(logits, targets, masked, t, answer, "none", ones).item() == \
+        pytest.approx(diffusion_loss(logits, targets, masked, t, answer, "none").item())
+    with pytest.raises(ValueError, match="padding_weight"):
+        MaskedDiffusionLM(d_model=16, n_layers=1, n_heads=2, mlp_hidden_size=32,
+                          padding_weight=1.5)
 
 
 def test_answers_are_eos_padded_and_aligned():
