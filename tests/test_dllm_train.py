@@ -235,6 +235,19 @@ def test_checkpoint_round_trips(debug_ckpt: Path, tmp_path: Path):
         load_diffusion_checkpoint(cut)
 
 
+def test_init_weights_starts_from_a_trained_checkpoint(debug_ckpt: Path):
+    dims = {"d_model": 32, "n_layers": 2, "n_heads": 2, "mlp_hidden_size": 64,
+            "max_sequence_length": 128}
+    trained, _ = load_diffusion_checkpoint(debug_ckpt)
+    module = MaskedDiffusionLM(**dims, init_seed=5, init_weights=str(debug_ckpt))
+    module._load_initial_weights(str(debug_ckpt))
+    for name, value in trained.state_dict().items():
+        assert torch.equal(module.model.state_dict()[name], value), name
+    other = MaskedDiffusionLM(**{**dims, "d_model": 64})
+    with pytest.raises(DiffusionCheckpointError, match="architecture or vocabulary differs"):
+        other._load_initial_weights(str(debug_ckpt))
+
+
 @pytest.mark.parametrize("method", ["dllm-adaptive", "dllm-fastdllm"])
 def test_test_method_writes_results(method: str, debug_ckpt: Path):
     proc = _cli("test", "--method", method, "--model.init_args.checkpoint", str(debug_ckpt),

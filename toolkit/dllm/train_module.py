@@ -255,6 +255,10 @@ class MaskedDiffusionLM(LightningModule):
             objective). The padding is most of a short answer's positions and trivially
             predictable once the length is known, so a lower weight spends the gradient on
             content; the first EOS keeps weight 1, so the length is still learnt.
+        init_weights: a diffusion checkpoint whose weights this fit starts from (a second
+            stage of training: fresh optimizer, warm-up and schedule; same architecture and
+            vocabulary, else a one-line error). Read when fitting starts, not when a trained
+            checkpoint is loaded, so the file is needed only to train.
     """
 
     def __init__(self, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
@@ -262,7 +266,8 @@ class MaskedDiffusionLM(LightningModule):
                  rope_theta: float = 10000.0, lr: float = 1e-3, weight_decay: float = 0.01,
                  warmup_steps: int = 100, min_lr_ratio: float = 0.1, eps: float = 1e-3,
                  init_seed: int = 0, loss_weighting: str = "inverse_t",
-                 stratified_t: bool = False, padding_weight: float = 1.0) -> None:
+                 stratified_t: bool = False, padding_weight: float = 1.0,
+                 init_weights: str | None = None) -> None:
         super().__init__()
         if not 0.0 <= padding_weight <= 1.0:
             raise ValueError(f"padding_weight must be in [0, 1], got {padding_weight}")
@@ -336,10 +341,21 @@ class MaskedDiffusionLM(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:
+        if self.hparams.init_weights and self.trainer.global_step == 0:
+            self._load_initial_weights(self.hparams.init_weights)
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "families"):
             self.trained_families = dict(dm.families)
             self.data_seed = dm.hparams.seed
+
+    def _load_initial_weights(self, path: str) -> None:
+        source, tok, _ = load_diffusion_checkpoint_with_meta(path)
+        if source.config.to_dict() != self.llada_config.to_dict() or \
+                tok.to_dict() != self.tokenizer.to_dict():
+            raise DiffusionCheckpointError(
+                f"init_weights {path}: its architecture or vocabulary differs from this "
+                f"model's ({source.config.to_dict()} vs {self.llada_config.to_dict()})")
+        self.model.load_state_dict(source.state_dict(), strict=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Everything needed to decode without this class: the network's config, the
