@@ -14,7 +14,14 @@ from toolkit.cascade.live import LiveCascade
 from toolkit.cascade.onnx_export import export_onnx
 from toolkit.cascade.onnx_runtime import OnnxQualityPredictor
 from toolkit.cascade.predictor_module import QualityPredictor
-from toolkit.cascade.stopping import evaluate, fit_policy, policy_from_dict, policy_to_dict
+from toolkit.cascade.stopping import (
+    MixedPolicy,
+    evaluate,
+    fit_policy,
+    policy_from_dict,
+    policy_to_dict,
+    prompt_key,
+)
 from toolkit.generation.base import DecodingConfig
 from toolkit.generation.hf_backend import TransformersBackend
 
@@ -63,6 +70,19 @@ def test_live_equals_replay(setup):
         np.testing.assert_allclose(r.stage_probabilities, p[: len(r.stage_probabilities)],
                                    atol=1e-6)
         assert r.trace[-1].decision == "stop" and r.trace[-1].why
+
+
+def test_live_equals_replay_with_a_mixed_policy(setup):
+    """Each prompt's side of a mixed policy is fixed by its text: live and replay agree."""
+    prompts, P, Y, C, _, policy, predictor, backends, decoding, _ = setup
+    cheap = fit_policy(P, Y, C, lam=1e-3, n_bins=2)  # never escalates
+    mixed = MixedPolicy(cheap, policy, q=0.5)
+    keys = np.array([prompt_key(p) for p in prompts])
+    replay = evaluate(mixed, P, Y, C, keys=keys)
+    sides = [mixed.for_key(k) is policy for k in keys]
+    assert 0 < sum(sides) < len(sides), "both sides of the mixture should occur"
+    live = LiveCascade(backends, predictor, mixed, decoding, batch_size=4).run(prompts)
+    assert [r.stopped_at_stage for r in live] == replay["stage"].tolist()
 
 
 def test_live_refuses_mismatched_stage_count(setup):

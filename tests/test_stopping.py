@@ -8,10 +8,14 @@ import numpy as np
 import pytest
 
 from toolkit.cascade.stopping import (
+    MixedPolicy,
     calibrate_lambda,
     evaluate,
     fit_policy,
     optimal_stopping_rule,
+    policy_from_dict,
+    policy_to_dict,
+    prompt_key,
     threshold_policy,
 )
 
@@ -90,6 +94,36 @@ def test_lambda_moves_the_tradeoff_and_budget_is_met():
     assert not info["met"] and "no lambda" in info["reason"]
     _, info = calibrate_lambda(P, Y, C, budget=0.2, metric="top_fraction")
     assert info["met"]
+
+
+def test_mixed_policy_spends_the_budget_a_deterministic_one_cannot():
+    """Two stages whose only choice is 'answer with the weak model (cost 0.2)' or 'skip to the
+    strong one (cost 1)': every deterministic policy costs 0.2 or ≥ 1, so a 0.6 budget leaves
+    0.4 unused; the mixture of the two sides spends it, and each prompt keeps its side."""
+    n = 4000
+    P = np.full((n, 2), 0.5)
+    Y = np.stack([np.zeros(n), np.ones(n)], 1)
+    C = np.tile([0.2, 1.0], (n, 1))
+    keys = np.array([prompt_key(f"prompt {i}") for i in range(n)])
+    pol, info = calibrate_lambda(P, Y, C, budget=0.6)
+    assert evaluate(pol, P, Y, C)["cost"].mean() == pytest.approx(0.2)
+    mixed, info = calibrate_lambda(P, Y, C, budget=0.6, mix=True)
+    assert isinstance(mixed, MixedPolicy) and info["value"] == 0.6
+    m = info["mixed"]
+    assert m["value_low"] == pytest.approx(0.2) and m["value_high"] == pytest.approx(1.0)
+    assert m["q"] == pytest.approx(0.5)
+    ev = evaluate(mixed, P, Y, C, keys=keys)
+    assert ev["cost"].mean() == pytest.approx(0.6, abs=0.03)  # 4000 fair coin flips
+    assert ev["correct"].mean() == pytest.approx(0.5, abs=0.03)
+    assert np.array_equal(evaluate(mixed, P, Y, C, keys=keys)["stage"], ev["stage"])
+    back = policy_from_dict(policy_to_dict(mixed))
+    assert np.array_equal(evaluate(back, P, Y, C, keys=keys)["stage"], ev["stage"])
+    assert prompt_key([{"role": "user", "content": "x"}]) == '[{"content": "x", "role": "user"}]'
+    with pytest.raises(ValueError, match="key"):
+        evaluate(mixed, P, Y, C)
+    # A budget that a deterministic policy meets exactly needs no mixing.
+    same, info = calibrate_lambda(P, Y, C, budget=5.0, mix=True)
+    assert not isinstance(same, MixedPolicy) and "mixed" not in info
 
 
 def test_useless_first_stage_is_skipped():

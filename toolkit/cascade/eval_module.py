@@ -54,6 +54,9 @@ class CascadeReplayEval(LightningModule):
         budgets: mean-cost budgets (top-stage units) at which cascade, threshold and random
             are compared with paired bootstrap intervals; each learned method is tuned to the
             budget on its calibration folds only.
+        budget_mixing: hold the cascade to each budget with a ``MixedPolicy`` (per prompt,
+            between the two λ that bracket the budget), so it spends the budget instead of
+            the largest deterministic cost under it.
         folds: cross-validation folds over prompts.
         n_bins: bins of each stage's score in the stopping policy's history.
         risk_prior: (α0, β0) Beta prior of the risk adjustment, or null for none.
@@ -65,7 +68,7 @@ class CascadeReplayEval(LightningModule):
 
     def __init__(self, method: str = "cascade", data_dir: str = "data/cascade", lam: float = 1.0,
                  sweep: list[float] | None = None, budgets: list[float] | None = None,
-                 folds: int = 5, n_bins: int = 3, risk_prior: list[float] | None = None,
+                 budget_mixing: bool = True, folds: int = 5, n_bins: int = 3, risk_prior: list[float] | None = None,
                  schema: str = "topk", num_stages: int = 3, seed: int = 0,
                  random_seeds: int = 3) -> None:
         super().__init__()
@@ -127,9 +130,10 @@ class CascadeReplayEval(LightningModule):
     def _budget(self, budget: float, prior: Any) -> dict[str, Any]:
         """Cascade vs threshold vs random, each held to ``budget`` (paired, same prompts)."""
         d = replay.at_budget(self.table, self.cv, budget, self.hparams.n_bins, prior,
-                             self.hparams.seed)
+                             self.hparams.seed, self.hparams.budget_mixing)
         acc = {m: self._accuracy(d[f"{m}_stage"]) for m in ("cascade", "threshold", "random")}
-        out: dict[str, Any] = {"budget": budget, "lambdas": d["lambdas"]}
+        out: dict[str, Any] = {"budget": budget, "lambdas": d["lambdas"],
+                               "mix_q": d["mix_q"]}
         for m in acc:
             out[m] = {"accuracy": metric(acc[m]), "relative_cost": metric(d[f"{m}_cost"])}
         for other in ("threshold", "random"):

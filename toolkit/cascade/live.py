@@ -18,7 +18,7 @@ import numpy as np
 
 from toolkit.cascade.features import record_features
 from toolkit.cascade.onnx_runtime import OnnxQualityPredictor
-from toolkit.cascade.stopping import Decision, History, StoppingPolicy
+from toolkit.cascade.stopping import AnyPolicy, Decision, History, StoppingPolicy, prompt_key
 from toolkit.generation.base import (
     DecodingConfig,
     GenerationOutput,
@@ -66,13 +66,14 @@ class LiveCascade:
     Args:
         backends: one generation backend per stage (smallest first), sharing nothing.
         predictor: the ONNX quality predictor (its feature schema must fit the stage count).
-        policy: the fitted stopping policy (``fit_policy`` / ``policy_from_dict``).
+        policy: the fitted stopping policy (``fit_policy`` / ``policy_from_dict``); a
+            ``MixedPolicy`` is resolved per prompt by ``prompt_key``.
         decoding: decoding settings (greedy by default, as the labels were made).
         batch_size: sequences decoding together per stage.
     """
 
     def __init__(self, backends: Sequence[Any], predictor: OnnxQualityPredictor,
-                 policy: StoppingPolicy, decoding: DecodingConfig | None = None,
+                 policy: AnyPolicy, decoding: DecodingConfig | None = None,
                  batch_size: int = 8) -> None:
         if predictor.schema.num_stages != len(backends) or policy.num_stages != len(backends):
             raise ValueError(f"{len(backends)} stages, but the predictor expects "
@@ -86,7 +87,8 @@ class LiveCascade:
             ) -> list[CascadeResult]:
         t0 = time.perf_counter()
         groups = list(groups) if groups is not None else [""] * len(prompts)
-        at = {i: self.policy.first_stage(groups[i]) for i in range(len(prompts))}
+        policies = [self.policy.for_key(prompt_key(p)) for p in prompts]
+        at = {i: policies[i].first_stage(groups[i]) for i in range(len(prompts))}
         hist: dict[int, History] = {i: () for i in range(len(prompts))}
         traces: dict[int, list[StageTrace]] = {i: [] for i in range(len(prompts))}
         done: dict[int, CascadeResult] = {}
@@ -95,7 +97,8 @@ class LiveCascade:
             if not waiting:
                 continue
             steps = self.run_stage(k, [GenerationRequest(prompts[i]) for i in waiting],
-                                   [hist[i] for i in waiting])
+                                   [hist[i] for i in waiting],
+                                   policies=[policies[i] for i in waiting])
             for i, st in zip(waiting, steps):
                 hist[i] = st.history
                 traces[i].append(st.trace)
@@ -110,14 +113,17 @@ class LiveCascade:
 
     def run_stage(self, k: int, requests: Sequence[GenerationRequest],
                   histories: Sequence[History], decoding: DecodingConfig | None = None,
-                  on_step: Callable[[list[int], list[int]], Iterable[int] | None] | None = None
-                  ) -> list[StageStep]:
+                  on_step: Callable[[list[int], list[int]], Iterable[int] | None] | None = None,
+                  policies: Sequence[StoppingPolicy] | None = None) -> list[StageStep]:
         """Generate stage k's answers for a batch, score them and decide for each.
 
         The one decision step, shared by ``run`` and the HTTP server's per-stage micro-batches
         (which pass each request's own history and budget, and ``on_step`` to stream the top
-        stage's tokens as they are decoded).
+        stage's tokens as they are decoded). ``policies`` are the requests' own deterministic
+        policies (``policy.for_key``); by default every request uses ``self.policy``.
         """
+        if policies is None:
+            policies = [self.policy.for_key(prompt_key(r.prompt)) for r in requests]
         backend = self.backends[k]
         extra = {"on_step": on_step} if on_step is not None else {}
         outs = backend.generate(list(requests), decoding or self.decoding,
@@ -126,9 +132,9 @@ class LiveCascade:
                           for o in outs])
         probs = self.predictor.predict(feats, self.predictor.schema)[:, 0]
         steps = []
-        for h, o, p in zip(histories, outs, probs):
-            history = (*h, (k, self.policy.bin_of(k, float(p))))
-            d = self.policy.decide(k, history)
+        for h, o, p, pol in zip(histories, outs, probs, policies):
+            history = (*h, (k, pol.bin_of(k, float(p))))
+            d = pol.decide(k, history)
             why = (f"stop: λ(1-acc)={d.stop_value:.3f} <= best continuation "
                    f"{d.go_value:.3f}" if d.action == "stop" and k < len(self.backends) - 1
                    else "top stage" if d.action == "stop"

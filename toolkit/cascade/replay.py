@@ -28,7 +28,13 @@ import torch
 
 from toolkit.cascade.features import CascadeInputError, FeatureSchema, build_schema, record_features
 from toolkit.cascade.records_datamodule import record_files
-from toolkit.cascade.stopping import StoppingPolicy, calibrate_lambda, evaluate, fit_policy
+from toolkit.cascade.stopping import (
+    StoppingPolicy,
+    calibrate_lambda,
+    evaluate,
+    fit_policy,
+    prompt_key,
+)
 from toolkit.common.io import read_jsonl
 
 
@@ -45,6 +51,7 @@ class PromptTable:
     X: np.ndarray  # [N, L, F] predictor features
     schema: FeatureSchema
     wall: np.ndarray | None = None  # [N, L] recorded seconds of each stage's call (labelling)
+    keys: np.ndarray | None = None  # [N] prompt_key of each prompt (MixedPolicy draws)
 
     @property
     def num_stages(self) -> int:
@@ -69,8 +76,9 @@ def load_prompt_table(data_dir: str | Path, schema: str = "topk", num_stages: in
     flops = np.array([[float(s["cost_flops"]) for s in row] for row in rec])
     X = np.stack([np.stack([record_features(s, sch) for s in row]) for row in rec])
     wall = np.array([[float(s.get("wall_s", np.nan)) for s in row] for row in rec])
+    keys = np.array([prompt_key(row[0]["prompt"]) for row in rec])
     return PromptTable(np.array(ids), np.array([row[0]["task"] for row in rec]), Y, A,
-                       flops / flops[:, -1].mean(), flops, X, sch, wall)
+                       flops / flops[:, -1].mean(), flops, X, sch, wall, keys)
 
 
 def fold_of(prompt_id: str, folds: int) -> int:
@@ -293,21 +301,28 @@ def cross_validated(t: PromptTable, cv: CvScores, lam: float, n_bins: int = 3,
 
 def at_budget(t: PromptTable, cv: CvScores, budget: float, n_bins: int = 3,
               risk_prior: tuple[float, float] | None = None,
-              seed: int = 0) -> dict[str, np.ndarray | list]:
+              seed: int = 0, mix: bool = True) -> dict[str, np.ndarray | list]:
     """Out-of-fold decisions of ``cascade`` and ``threshold`` when each is tuned, on its
     calibration folds only, to a mean cost ≤ ``budget``; ``random`` is then tuned to the
-    cascade's realised mean cost so that the three are compared at (about) equal cost."""
+    cascade's realised mean cost so that the three are compared at (about) equal cost.
+
+    ``mix``: the cascade is a ``MixedPolicy`` whose expected calibration cost is the budget
+    (``mix_q`` lists each fold's share of prompts on the costlier side, or None).
+    """
     N = len(t.ids)
+    keys = t.keys if t.keys is not None else t.ids
     out: dict[str, np.ndarray | list] = {"cascade_stage": np.zeros(N, int),
                                          "cascade_cost": np.zeros(N),
-                                         "threshold_stage": np.zeros(N, int), "lambdas": []}
+                                         "threshold_stage": np.zeros(N, int), "lambdas": [],
+                                         "mix_q": []}
     for f, P_cal in cv.P_cal.items():
         te, tr = cv.fold == f, cv.fold != f
         pol, info = calibrate_lambda(P_cal, t.Y[tr], t.C[tr], budget, groups=t.tasks[tr],
-                                     n_bins=n_bins, risk_prior=risk_prior, iters=25)
-        ev = evaluate(pol, cv.P_test[te], t.Y[te], t.C[te], t.tasks[te])
+                                     n_bins=n_bins, risk_prior=risk_prior, iters=25, mix=mix)
+        ev = evaluate(pol, cv.P_test[te], t.Y[te], t.C[te], t.tasks[te], keys[te])
         out["cascade_stage"][te], out["cascade_cost"][te] = ev["stage"], ev["cost"]
         out["lambdas"].append(info["lambda"])
+        out["mix_q"].append(info["mixed"]["q"] if "mixed" in info else None)
         thr = threshold_for_budget(P_cal, t.Y[tr], t.C[tr], budget)
         out["threshold_stage"][te] = threshold_decisions(cv.P_test[te], thr)
     out["threshold_cost"] = paid(t.C, out["threshold_stage"])

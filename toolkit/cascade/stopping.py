@@ -24,12 +24,21 @@ decision is a table lookup along at most L states (O(L)). ``acc(h)`` can be shru
 prior mean with a Beta(α0, β0) prior (the seed's risk adjustment), which matters for histories
 with few calibration prompts.
 
+Budgets. Larger λ escalates more, so mean cost grows with λ, but in steps: a deterministic
+policy's cost jumps when a decision flips, and the largest λ under a budget can leave much of
+it unused (on these records the SmolLM2 → Qwen-0.5B policy costs 0.19 or 1.0, nothing
+between). The optimum of the budget-constrained problem randomises between the two policies
+that bracket the budget (``MixedPolicy``); each prompt's side is fixed by a hash of the prompt,
+so replays and live runs are reproducible and agree.
+
 The seed's own rule is kept as ``optimal_stopping_rule`` for comparison; see SPEC §A for why it
 never escalates.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +103,10 @@ class StoppingPolicy:
     def first_stage(self, group: str = "") -> int:
         return self.entry.get(group, self.entry.get("", 0))
 
+    def for_key(self, key: str) -> StoppingPolicy:
+        """The deterministic policy for one prompt (itself; see ``MixedPolicy``)."""
+        return self
+
     def decide(self, stage: int, history: History) -> Decision:
         """What to do after ``stage`` ran; ``history`` already includes (stage, its bin)."""
         if stage == self.num_stages - 1:
@@ -111,6 +124,46 @@ class StoppingPolicy:
             if d.action == "stop":
                 return k, ran
             k = d.next_stage
+
+
+def prompt_key(prompt: str | list[dict[str, Any]]) -> str:
+    """The key that fixes a prompt's side of a ``MixedPolicy``: the prompt text (chat messages
+    as canonical JSON), so replay on a record and a live request with the same prompt agree."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+def key_uniform(key: str) -> float:
+    """A number in [0, 1) fixed by ``key`` (sha256), uniform over keys."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
+
+
+@dataclass
+class MixedPolicy:
+    """Randomise between two deterministic policies: ``high`` for a share ``q`` of prompts.
+
+    ``calibrate_lambda(..., mix=True)`` builds it from the two λ that bracket a budget, with
+    ``q`` chosen so the expected mean cost equals the budget (see the module docstring). The
+    draw is ``key_uniform(prompt_key(prompt)) < q``: fixed per prompt, independent of order.
+    """
+
+    low: StoppingPolicy
+    high: StoppingPolicy
+    q: float
+
+    @property
+    def num_stages(self) -> int:
+        return self.low.num_stages
+
+    @property
+    def lam(self) -> float:
+        """λ of the cheaper policy (the largest deterministic λ within the budget)."""
+        return self.low.lam
+
+    def for_key(self, key: str) -> StoppingPolicy:
+        return self.high if key_uniform(key) < self.q else self.low
+
+
+AnyPolicy = StoppingPolicy | MixedPolicy
 
 
 def _adjusted_acc(y: np.ndarray, prior: tuple[float, float] | None) -> float:
@@ -204,28 +257,39 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
     return StoppingPolicy(lam, edges, entry, decisions, stage_fallback, risk_prior, total / N)
 
 
-def evaluate(policy: StoppingPolicy, P: np.ndarray, Y: np.ndarray, C: np.ndarray,
-             groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Replay a policy on prompts: answering stage, cost paid, correctness, per prompt."""
+def evaluate(policy: AnyPolicy, P: np.ndarray, Y: np.ndarray, C: np.ndarray,
+             groups: np.ndarray | None = None, keys: np.ndarray | None = None
+             ) -> dict[str, np.ndarray]:
+    """Replay a policy on prompts: answering stage, cost paid, correctness, per prompt.
+
+    ``keys`` (``prompt_key`` of each prompt) are needed for a ``MixedPolicy``.
+    """
     N = len(P)
     groups = np.asarray([""] * N if groups is None else groups)
+    if isinstance(policy, MixedPolicy) and keys is None:
+        raise ValueError("evaluating a mixed policy needs each prompt's key")
     stop, cost, correct = np.empty(N, int), np.empty(N), np.empty(N)
     for i in range(N):
-        k, ran = policy.run(P[i], str(groups[i]))
+        pol = policy if keys is None else policy.for_key(str(keys[i]))
+        k, ran = pol.run(P[i], str(groups[i]))
         stop[i], cost[i], correct[i] = k, C[i, ran].sum(), Y[i, k]
     return {"stage": stop, "cost": cost, "correct": correct}
 
 
 def calibrate_lambda(P: np.ndarray, Y: np.ndarray, C: np.ndarray, budget: float,
                      metric: str = "cost", groups: np.ndarray | None = None,
-                     lo: float = 1e-3, hi: float = 1e3, iters: int = 40,
-                     **fit_kwargs: Any) -> tuple[StoppingPolicy, dict[str, Any]]:
+                     lo: float = 1e-3, hi: float = 1e3, iters: int = 40, mix: bool = False,
+                     **fit_kwargs: Any) -> tuple[AnyPolicy, dict[str, Any]]:
     """Largest λ (best quality) whose policy keeps the mean ``metric`` ≤ ``budget``.
 
     ``metric`` is ``cost`` (mean cost per prompt, top-stage units) or ``top_fraction`` (share
     of prompts that reach the top stage). Larger λ escalates more, so both grow with λ;
     bisection on log λ. If even the smallest λ breaks the budget, the cheapest policy is
     returned with ``met: False`` (a reported best effort, not an error).
+
+    ``mix``: return a ``MixedPolicy`` of the bracketing policies (the last λ within the budget
+    and the first beyond it) whose expected ``metric`` equals the budget; ``info["value"]`` is
+    then that expectation and ``info["mixed"]`` holds both λ, both values and ``q``.
     """
     def measure(lam: float) -> tuple[StoppingPolicy, float]:
         pol = fit_policy(P, Y, C, lam, groups=groups, **fit_kwargs)
@@ -243,15 +307,22 @@ def calibrate_lambda(P: np.ndarray, Y: np.ndarray, C: np.ndarray, budget: float,
     pol_hi, m_hi = measure(hi)
     if m_hi <= budget:
         return pol_hi, {"lambda": hi, "value": m_hi, "met": True}
-    a, b, best = np.log(lo), np.log(hi), (pol_lo, lo, m_lo)
+    a, b, best, over = np.log(lo), np.log(hi), (pol_lo, lo, m_lo), (pol_hi, hi, m_hi)
     for _ in range(iters):
         mid = (a + b) / 2
         pol, m = measure(float(np.exp(mid)))
         if m <= budget:
             a, best = mid, (pol, float(np.exp(mid)), m)
         else:
-            b = mid
-    return best[0], {"lambda": best[1], "value": best[2], "met": True}
+            b, over = mid, (pol, float(np.exp(mid)), m)
+    info = {"lambda": best[1], "value": best[2], "met": True}
+    if not mix or best[2] >= budget:
+        return best[0], info
+    q = (budget - best[2]) / (over[2] - best[2])
+    info["value"] = budget
+    info["mixed"] = {"lambda_low": best[1], "value_low": best[2], "lambda_high": over[1],
+                     "value_high": over[2], "q": q}
+    return MixedPolicy(best[0], over[0], q), info
 
 
 def threshold_policy(P: np.ndarray, thresholds: list[float]) -> np.ndarray:
@@ -266,8 +337,12 @@ def threshold_policy(P: np.ndarray, thresholds: list[float]) -> np.ndarray:
     return stop
 
 
-def policy_to_dict(p: StoppingPolicy) -> dict[str, Any]:
+def policy_to_dict(p: AnyPolicy) -> dict[str, Any]:
     """JSON-ready form of a fitted policy (for bundles and the server)."""
+    if isinstance(p, MixedPolicy):
+        return {"mixed": True, "q": p.q, "low": policy_to_dict(p.low),
+                "high": policy_to_dict(p.high)}
+
     def dec(d: Decision) -> dict[str, Any]:
         return {"action": d.action, "next_stage": d.next_stage, "stop_value": d.stop_value,
                 "go_value": d.go_value, "support": d.support}
@@ -280,7 +355,10 @@ def policy_to_dict(p: StoppingPolicy) -> dict[str, Any]:
             "expected_value": p.expected_value, "meta": p.meta}
 
 
-def policy_from_dict(d: dict[str, Any]) -> StoppingPolicy:
+def policy_from_dict(d: dict[str, Any]) -> AnyPolicy:
+    if d.get("mixed"):
+        return MixedPolicy(policy_from_dict(d["low"]), policy_from_dict(d["high"]), float(d["q"]))
+
     def dec(x: dict[str, Any]) -> Decision:
         return Decision(x["action"], x["next_stage"], x["stop_value"], x["go_value"],
                         x["support"])

@@ -38,11 +38,13 @@ from toolkit.cascade.features import build_schema, record_features
 from toolkit.cascade.onnx_runtime import OnnxQualityPredictor
 from toolkit.cascade.records_datamodule import record_files
 from toolkit.cascade.stopping import (
+    AnyPolicy,
     StoppingPolicy,
     calibrate_lambda,
     fit_policy,
     policy_from_dict,
     policy_to_dict,
+    prompt_key,
 )
 from toolkit.common.io import atomic_write_json, read_jsonl
 from toolkit.generation.base import DecodingConfig
@@ -73,6 +75,10 @@ class BuildRecipe:
     """Quantile bins of each stage's p in the policy's histories."""
     allow_skip: bool = True
     """Let the policy skip leading stages (start at a larger model) when that pays."""
+    mix: bool = True
+    """With a budget: randomise (per prompt, by a hash of its text) between the two policies
+    that bracket it, so the expected cost is the budget instead of the largest deterministic
+    cost under it (which can be far below it; see ``stopping.MixedPolicy``)."""
     schema: str = "topk"
     """Feature schema of a predictor trained here (topk, full, seed)."""
     train_steps: int = 400
@@ -87,7 +93,7 @@ class Bundle:
     path: Path
     meta: dict[str, Any]
     predictor: OnnxQualityPredictor
-    policy: StoppingPolicy
+    policy: AnyPolicy
     calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -221,14 +227,15 @@ def build_bundle(out: str | Path, stages: list[str], decoding: DecodingConfig,
         C = flops[cal] / flops[cal, -1].mean()
         if recipe.budget is not None:
             policy, budget = calibrate_lambda(P, Y[cal], C, recipe.budget, n_bins=recipe.n_bins,
-                                              allow_skip=recipe.allow_skip)
+                                              allow_skip=recipe.allow_skip, mix=recipe.mix)
         else:
             policy = fit_policy(P, Y[cal], C, recipe.lam, n_bins=recipe.n_bins,
                                 allow_skip=recipe.allow_skip)
             budget = None
         from toolkit.cascade.stopping import evaluate
 
-        ev = evaluate(policy, P, Y[cal], C)
+        keys = np.array([prompt_key(rows[i][0]["prompt"]) for i in ids])[cal]
+        ev = evaluate(policy, P, Y[cal], C, keys=keys)
         meta = {
             "format": FORMAT, "version": VERSION,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -240,7 +247,8 @@ def build_bundle(out: str | Path, stages: list[str], decoding: DecodingConfig,
                           "trained": trained},
             "lambda": policy.lam, "budget": None if budget is None else {
                 "metric": "cost", "target": recipe.budget, **budget},
-            "policy_fit": {"n_bins": recipe.n_bins, "allow_skip": recipe.allow_skip},
+            "policy_fit": {"n_bins": recipe.n_bins, "allow_skip": recipe.allow_skip,
+                           "mix": recipe.mix},
             "policy": policy_to_dict(policy),
             "calibration": {
                 "file": "calibration.json", "records": str(recipe.records),

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from toolkit.cascade.live import LiveCascade, StageStep, StageTrace
-from toolkit.cascade.stopping import History
+from toolkit.cascade.stopping import History, StoppingPolicy, prompt_key
 from toolkit.generation.base import GenerationRequest, Messages, call_cost
 from toolkit.serving.stats import ServerStats
 
@@ -71,6 +71,8 @@ class Job:
     cancelled: bool = False
     sent_text: str = ""
     first_token_s: float | None = None
+    policy: StoppingPolicy | None = None
+    """This request's side of the bundle's policy (``policy.for_key``), fixed at submit."""
 
 
 class CascadeEngine:
@@ -114,7 +116,8 @@ class CascadeEngine:
         with self.cond:
             if self.stopping or self.stats.in_flight >= self.max_queue:
                 return False
-            job.stage = self.cascade.policy.first_stage("")
+            job.policy = self.cascade.policy.for_key(prompt_key(job.prompt))
+            job.stage = job.policy.first_stage("")
             job.enqueued = time.perf_counter()
             self.queues[job.stage].append(job)
             self.stats.in_flight += 1
@@ -177,7 +180,8 @@ class CascadeEngine:
                     for j in batch]
         self.stats.batch(k, len(batch))
         steps = self.cascade.run_stage(k, requests, [j.history for j in batch], decoding,
-                                       self._step_hook(k, batch))
+                                       self._step_hook(k, batch),
+                                       policies=[j.policy for j in batch])
         for job, st in zip(batch, steps):
             if st.output.stop_reason == "cancelled":
                 with self.cond:

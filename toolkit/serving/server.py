@@ -112,6 +112,7 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
     import uvicorn
 
     from toolkit.cascade.live import LiveCascade
+    from toolkit.cascade.stopping import MixedPolicy
     from toolkit.generation.hf_backend import TransformersBackend
     from toolkit.serving.engine import CascadeEngine
     from toolkit.serving.stats import ServerStats
@@ -132,7 +133,9 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
             "budget": None if lam is not None else loaded.meta.get("budget"),
             "predictor_sha256": loaded.meta["predictor"]["sha256"],
             "feature_schema": loaded.predictor.schema.id,
-            "entry_stage": policy.first_stage("")}
+            "entry_stage": (policy.first_stage("") if not isinstance(policy, MixedPolicy) else
+                            {"low": policy.low.first_stage(""),
+                             "high": policy.high.first_stage(""), "q_high": policy.q})}
     app = create_app(engine, limits, api_key, model_name, info)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=int(limits.request_timeout_s) + 5)
