@@ -86,7 +86,11 @@ def _cascade_tables(r: dict[str, Any]) -> list[str]:
                      f"{_num(b[m]['relative_cost']['value'])}"
                      for m in ("cascade", "threshold", "random")]
             diffs = [_ci(b[f"cascade_minus_{m}_accuracy"], True) for m in ("threshold", "random")]
-            out.append(f"| ≤ {b['budget']} | " + " | ".join(cells + diffs) + " |")
+            mixed = [q for q in b.get("mix_q") or [] if q is not None]
+            label = str(b["budget"])
+            if mixed:
+                label += f" (mixed, mean q {sum(mixed) / len(mixed):.2f})"
+            out.append(f"| {label} | " + " | ".join(cells + diffs) + " |")
     if "top_minus_2_points" in c:
         t = c["top_minus_2_points"]
         out += ["", f"Reaching always-top − 2 points ({_num(t['target_accuracy'], True)}): "
