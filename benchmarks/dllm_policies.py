@@ -5,7 +5,9 @@
 For each family the toolkit's small diffusion LM was trained on (short answers), the same
 held-out problems are decoded by every policy, one after the other, batch 1, greedy:
 ``llada`` (reference, steps = gen_length, block 32: Fast-dLLM's baseline), ``fastdllm``
-(block 32, τ 0.9, prefix cache), ``adaptive`` (the seed's defaults) and its ablations. Reports
+(block 32, τ 0.9, prefix cache), ``adaptive`` (the seed's defaults), its ablations and the
+seed's presets math (B 8, τ 0.9) and creative (B 32, τ 0.7); the defaults are the code
+preset (B 16, τ 0.8). Reports
 accuracy, mean NFE (with the lower bound ceil(L_eff/B) beside it), wall time and answer
 tokens per second (after one untimed warm-up problem per policy), and the
 ratios the issue asks for: NFE fastdllm / adaptive (goal ≥ 1.3 at equal or better accuracy)
@@ -32,6 +34,8 @@ POLICIES = {
     "adaptive-no-block": ("adaptive", {"dynamic_block": False}),
     "adaptive-no-threshold": ("adaptive", {"adaptive_threshold": False}),
     "adaptive-no-cache": ("adaptive", {"tiered_cache": False}),
+    "adaptive-math": ("adaptive", {"preset": "math"}),
+    "adaptive-creative": ("adaptive", {"preset": "creative"}),
 }
 
 
@@ -100,6 +104,12 @@ def main() -> None:
         print(f"  {name:24} accuracy {100 * (ad['correct'] - s['correct']):+.1f} points, "
               f"throughput {100 * (ad['tok_s'] / s['tok_s'] - 1):+.1f}%, "
               f"NFE {s['nfe']:.2f} -> {ad['nfe']:.2f}")
+    print("the seed's presets against fastdllm (the defaults above are its code preset):")
+    for name in ("adaptive-math", "adaptive-creative"):
+        s = summary[name]
+        print(f"  {name:24} NFE fastdllm / preset {f['nfe'] / s['nfe']:.2f}, accuracy "
+              f"{s['correct']:.3f} vs {f['correct']:.3f}, wall llada / preset "
+              f"{ll['wall'] / s['wall']:.1f}x")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"ckpt": a.ckpt, "n": a.n, "threads": torch.get_num_threads(),
