@@ -5,13 +5,14 @@
 For each family the toolkit's small diffusion LM was trained on (short answers), the same
 held-out problems are decoded by every policy, one after the other, batch 1, greedy:
 ``llada`` (reference, steps = gen_length, block 32: Fast-dLLM's baseline), ``fastdllm``
-(block 32, τ 0.9, prefix cache), ``adaptive`` (the seed's defaults), its ablations and the
-seed's presets math (B 8, τ 0.9) and creative (B 32, τ 0.7); the defaults are the code
-preset (B 16, τ 0.8). Reports
-accuracy, mean NFE (with the lower bound ceil(L_eff/B) beside it), wall time and answer
-tokens per second (after one untimed warm-up problem per policy), and the
-ratios the issue asks for: NFE fastdllm / adaptive (goal ≥ 1.3 at equal or better accuracy)
-and wall llada / fastdllm and llada / adaptive (goal ≥ 5, at the same gen length).
+(block 32, τ 0.9, prefix cache), ``adaptive`` (the seed's defaults = its code preset, B 16,
+τ 0.8), its ablations (no block sizing, no threshold adaptation, no cache at all, Fast-dLLM's
+prefix cache instead of the tiered one), the seed's presets math (B 8, τ 0.9) and creative
+(B 32, τ 0.7), and a static control for the latter (fastdllm at τ 0.7). Reports accuracy,
+mean NFE (with the lower bound ceil(L_eff/B) beside it), wall time and answer tokens per
+second (after one untimed warm-up problem per policy), and the ratios the issue asks for:
+NFE fastdllm / adaptive (goal ≥ 1.3 at equal or better accuracy) and wall llada / fastdllm
+and llada / adaptive (goal ≥ 5, at the same gen length).
 """
 
 from __future__ import annotations
@@ -33,9 +34,15 @@ POLICIES = {
     "adaptive": ("adaptive", {}),
     "adaptive-no-block": ("adaptive", {"dynamic_block": False}),
     "adaptive-no-threshold": ("adaptive", {"adaptive_threshold": False}),
-    "adaptive-no-cache": ("adaptive", {"tiered_cache": False}),
+    # As `cli.py test --method dllm-adaptive-no-cache`: every step a full forward.
+    "adaptive-no-cache": ("adaptive", {"tiered_cache": False, "cache": "none"}),
+    # The tiered cache replaced by Fast-dLLM's prefix cache (refreshed once per block).
+    "adaptive-prefix-cache": ("adaptive", {"tiered_cache": False, "cache": "prefix"}),
     "adaptive-math": ("adaptive", {"preset": "math"}),
     "adaptive-creative": ("adaptive", {"preset": "creative"}),
+    # Control for the creative preset, which starts at τ 0.7: is its gain the adaptation, or
+    # only the lower threshold? A static Fast-dLLM at the same τ answers that.
+    "fastdllm-tau0.7": ("fastdllm", {"block_length": 32, "threshold": 0.7, "cache": "prefix"}),
 }
 
 
@@ -99,7 +106,8 @@ def main() -> None:
     print(f"throughput adaptive vs fastdllm: {100 * (ad['tok_s'] / f['tok_s'] - 1):+.1f}%; "
           f"accuracy {100 * (ad['correct'] - f['correct']):+.1f} points")
     print("ablation (full adaptive minus the variant without the component):")
-    for name in ("adaptive-no-block", "adaptive-no-threshold", "adaptive-no-cache"):
+    for name in ("adaptive-no-block", "adaptive-no-threshold", "adaptive-no-cache",
+                 "adaptive-prefix-cache"):
         s = summary[name]
         print(f"  {name:24} accuracy {100 * (ad['correct'] - s['correct']):+.1f} points, "
               f"throughput {100 * (ad['tok_s'] / s['tok_s'] - 1):+.1f}%, "
@@ -110,6 +118,10 @@ def main() -> None:
         print(f"  {name:24} NFE fastdllm / preset {f['nfe'] / s['nfe']:.2f}, accuracy "
               f"{s['correct']:.3f} vs {f['correct']:.3f}, wall llada / preset "
               f"{ll['wall'] / s['wall']:.1f}x")
+    c, f7 = summary["adaptive-creative"], summary["fastdllm-tau0.7"]
+    print(f"static control at the creative preset's starting τ 0.7: NFE fastdllm-tau0.7 / "
+          f"creative {f7['nfe'] / c['nfe']:.2f}, accuracy {c['correct']:.3f} vs "
+          f"{f7['correct']:.3f}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"ckpt": a.ckpt, "n": a.n, "threads": torch.get_num_threads(),
