@@ -68,3 +68,51 @@ def test_report_renders_cascade_and_plain_results(tmp_path):
     proc = subprocess.run([sys.executable, "cli.py", "report", str(tmp_path / "bad.json")],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "bad.json" in proc.stderr
+
+
+def _run_dir(root, method, correct, ids=None, alpha=None):
+    import json
+
+    d = root / method
+    d.mkdir()
+    ids = ids or [f"t/{i}" for i in range(len(correct))]
+    m = {"accuracy": {"value": sum(correct) / len(correct), "ci95": [0.0, 1.0], "n": len(correct)}}
+    if alpha is not None:
+        m["alpha_mean"] = {"value": alpha, "n": len(correct)}
+    from toolkit.evaluation.results import ids_hash
+
+    (d / "results.json").write_text(json.dumps({
+        "method": method, "command": f"python cli.py test --method {method}",
+        "git": {"sha": "abc"}, "data": {"n": len(ids), "ids_hash": ids_hash(ids)}, "metrics": m}))
+    (d / "examples.jsonl").write_text("".join(
+        json.dumps({"id": i, "correct": c}) + "\n" for i, c in zip(ids, correct)))
+    return str(d)
+
+
+def test_report_compares_runs_side_by_side_with_paired_differences(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import pytest
+
+    from toolkit.evaluation.report import ReportError, compare_runs, render
+
+    a = _run_dir(tmp_path, "base", [1, 0, 0, 1])
+    b = _run_dir(tmp_path, "qstar", [1, 1, 0, 1], alpha=0.5)
+    c = _run_dir(tmp_path, "teacher", [1, 1, 1, 1])
+    proc = subprocess.run([sys.executable, "cli.py", "report", a, b, c, "--compare", "true",
+                           "--baselines=[base, teacher]"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| metric | base | qstar | teacher |" in proc.stdout
+    assert "| alpha_mean | – | 0.500 | – |" in proc.stdout
+    assert "| qstar − base | 0.250 [" in proc.stdout and "| qstar − teacher | -0.250 [" in proc.stdout
+    assert "| base − teacher | -0.500 [" in proc.stdout and "base − base" not in proc.stdout
+    comp = compare_runs([a, b])
+    assert list(comp["paired"]) == ["qstar − base"] and render(json.loads(json.dumps(comp)))
+    other = _run_dir(tmp_path, "other", [1, 1, 1, 1], ids=["t/0", "t/1", "t/2", "t/9"])
+    with pytest.raises(ReportError, match="different examples"):
+        compare_runs([a, other])
+    with pytest.raises(ReportError, match="not among the runs"):
+        compare_runs([a, b], baselines=["teacher"])

@@ -6,6 +6,10 @@ Every table of results in README.md sits between ``<!-- report:NAME -->`` and
 its own command and git sha). ``report --update_readme true`` rewrites those blocks from the
 snapshots; ``tests/test_readme.py`` fails if README and snapshots disagree, so a number in
 README can always be traced to a file and that file to a command.
+
+``report --compare true RUN...`` puts several methods' runs on the same examples side by side
+(one column per method) with paired bootstrap differences of a per-example score against the
+baseline runs; its snapshot holds every run's provenance and renders like any other.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import re
 import shutil
 from pathlib import Path
 from typing import Any
+
+from toolkit.common.io import atomic_write_json, read_jsonl
+from toolkit.evaluation.results import paired_difference
 
 REPO = Path(__file__).resolve().parents[2]
 SNAPSHOTS = REPO / "docs" / "results"
@@ -107,13 +114,73 @@ def _cascade_tables(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def compare_runs(paths: list[str], metrics: list[str] | None = None,
+                 baselines: list[str] | None = None, score: str = "correct") -> dict[str, Any]:
+    """Several methods' runs on the same examples as one comparison (see module doc)."""
+    runs, rows = [], {}
+    for path in paths:
+        r = _load(path)
+        d = Path(path) if Path(path).is_dir() else Path(path).parent
+        if not (d / "examples.jsonl").is_file():
+            raise ReportError(f"{d} has no examples.jsonl beside results.json")
+        if r["method"] in rows:
+            raise ReportError(f"method {r['method']!r} is given twice")
+        rows[r["method"]] = {str(x["id"]): x for x in read_jsonl(d / "examples.jsonl")}
+        runs.append(r)
+    if len(runs) < 2:
+        raise ReportError("--compare needs at least two runs")
+    ids = {r["method"]: (r["data"]["n"], r["data"]["ids_hash"]) for r in runs}
+    if len(set(ids.values())) > 1:
+        raise ReportError(f"the runs are on different examples (n, ids_hash): {ids}")
+    methods = [r["method"] for r in runs]
+    baselines = baselines or methods[:1]
+    if missing := [b for b in baselines if b not in rows]:
+        raise ReportError(f"baseline(s) {missing} are not among the runs {methods}")
+    names = metrics or list(dict.fromkeys(
+        k for r in runs for k, v in r["metrics"].items() if isinstance(v, dict) and "value" in v))
+    order = sorted(rows[methods[0]])
+    try:
+        scores = {m: [float(rows[m][i][score]) for i in order] for m in methods}
+    except KeyError as err:
+        raise ReportError(f"examples.jsonl rows have no per-example {score!r} field "
+                          f"(or lack example {err})") from None
+    return {
+        "schema_version": 1, "kind": "comparison", "methods": methods, "score": score,
+        "command": " ".join(["python cli.py report", *paths, "--compare true"]),
+        "data": runs[0]["data"],
+        "metrics": {k: {r["method"]: r["metrics"].get(k) for r in runs} for k in names},
+        "paired": {f"{m} − {b}": paired_difference(scores[m], scores[b])
+                   for b in baselines for m in methods if m != b},
+        "runs": {r["method"]: {k: r.get(k) for k in ("command", "git", "config", "models",
+                                                     "packages", "threads", "timings")}
+                 for r in runs},
+    }
+
+
+def _comparison_tables(c: dict[str, Any]) -> list[str]:
+    ms = c["methods"]
+    out = ["| metric | " + " | ".join(ms) + " |", "|---" * (len(ms) + 1) + "|"]
+    for k, by in c["metrics"].items():
+        out.append(f"| {k} | " + " | ".join(_ci(by[m]) if by.get(m) else "–" for m in ms) + " |")
+    out += ["", f"| paired difference in {c['score']} | mean [95% CI] |", "|---|---|"]
+    out += [f"| {k} | {_ci(v)} |" for k, v in c["paired"].items()]
+    return out
+
+
 def render(results: dict[str, Any]) -> str:
     """Markdown for one results.json: the method comparison for cascade runs, else metrics."""
-    lines = _cascade_tables(results) if "comparison" in results and results[
-        "comparison"].get("cascade") else _metrics_table(results)
+    if results.get("kind") == "comparison":
+        lines = _comparison_tables(results)
+    elif "comparison" in results and results["comparison"].get("cascade"):
+        lines = _cascade_tables(results)
+    else:
+        lines = _metrics_table(results)
     cmd = results.get("command")
     cmd = " ".join(cmd) if isinstance(cmd, list) else cmd
     sha = (results.get("git") or {}).get("sha", "")[:10]
+    if results.get("kind") == "comparison":
+        sha = ", ".join(f"{m} {(r.get('git') or {}).get('sha', '')[:10]}"
+                        for m, r in results["runs"].items())
     lines += ["", f"<sub>`{cmd}` · method {results.get('method')} · git {sha} · "
               f"n = {results.get('data', {}).get('n')}</sub>"]
     return "\n".join(lines) + "\n"
@@ -132,7 +199,8 @@ def update_readme(readme: Path = REPO / "README.md", snapshots: Path = SNAPSHOTS
 
 
 def report(paths: list[str], format: str = "md", snapshot: str | None = None,
-           update_readme_blocks: bool = False) -> str:
+           update_readme_blocks: bool = False, compare: bool = False,
+           metrics: list[str] | None = None, baselines: list[str] | None = None) -> str:
     """Print markdown tables for results.json files (or run directories).
 
     Args:
@@ -141,10 +209,20 @@ def report(paths: list[str], format: str = "md", snapshot: str | None = None,
         snapshot: copy the (single) results file to docs/results/<snapshot>.json, the file a
             README block <!-- report:<snapshot> --> is rendered from.
         update_readme_blocks: rewrite README's report blocks from docs/results/.
+        compare: one side-by-side table of the runs (same examples, one method each), with
+            paired differences of the per-example score against ``baselines``.
+        metrics: with compare, the metrics to show (default: every metric with a value).
+        baselines: with compare, the methods the others are paired with (default: the first).
     """
     if format not in ("md", "json"):
         raise ValueError(f"format must be md or json, got {format!r}")
     out = []
+    if compare:
+        c = compare_runs(paths, metrics, baselines)
+        out.append(render(c) if format == "md" else json.dumps(c["metrics"], indent=1))
+        if snapshot:
+            atomic_write_json(SNAPSHOTS / f"{snapshot}.json", c)
+        paths, snapshot = [], None
     for path in paths:
         r = _load(path)
         out.append(render(r) if format == "md" else json.dumps(r["metrics"], indent=1))
