@@ -14,6 +14,7 @@ the shorter cache on the left; leading columns that are padding for every row ar
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -38,6 +39,18 @@ def single_model_picker(logits: list[torch.Tensor], config: DecodingConfig,
     return nxt, torch.log_softmax(logits[0], -1), {}
 
 
+def _cache_kwarg(model: Any) -> str:
+    """The forward() keyword of the KV cache: transformers 5.2x renamed ``past_key_values`` to
+    ``cache`` (the old name only warns, and is slated for removal); older 5.x has the old one."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    """The KV cache of a forward's output, under either name (see ``_cache_kwarg``)."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.past_key_values
+
+
 class DecodeLoop:
     """Batched, KV-cached decoding of token-id prompts (see the module docstring).
 
@@ -53,6 +66,7 @@ class DecodeLoop:
                  device: torch.device, picker: Picker = single_model_picker) -> None:
         self.models, self.pad_id, self.eos_ids = list(models), pad_id, list(eos_ids)
         self.device, self.picker = device, picker
+        self.cache_kwargs = [_cache_kwarg(m) for m in self.models]
 
     # ------------------------------------------------------------- cache ops
     def _prefill(self, prompts: list[list[int]]) -> tuple:
@@ -69,7 +83,7 @@ class DecodeLoop:
         for m in self.models:
             out = m(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                     logits_to_keep=1)
-            caches.append(out.past_key_values)
+            caches.append(_cache_of(out))
             logits.append(out.logits[:, -1, :].float())
         return caches, logits, mask, positions[:, -1:]
 
@@ -194,10 +208,10 @@ class DecodeLoop:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             positions = positions + 1
             new_caches, new_logits = [], []
-            for m, cache in zip(self.models, caches):
+            for m, kw, cache in zip(self.models, self.cache_kwargs, caches):
                 out = m(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
-                        past_key_values=cache, use_cache=True)
-                new_caches.append(out.past_key_values)
+                        use_cache=True, **{kw: cache})
+                new_caches.append(_cache_of(out))
                 new_logits.append(out.logits[:, -1, :].float())
             state = (new_caches, new_logits, mask, positions)
 
