@@ -108,7 +108,8 @@ def test_report_compares_runs_side_by_side_with_paired_differences(tmp_path):
     assert "| metric | base | qstar | teacher |" in proc.stdout
     assert "| alpha_mean | – | 0.500 | – |" in proc.stdout
     assert "| qstar − base | 0.250 [" in proc.stdout and "| qstar − teacher | -0.250 [" in proc.stdout
-    assert "| base − teacher | -0.500 [" in proc.stdout and "base − base" not in proc.stdout
+    assert "| teacher − base | 0.500 [" in proc.stdout and "base − teacher" not in proc.stdout
+    assert "base − base" not in proc.stdout and "--baselines '[\"base\", \"teacher\"]'" in proc.stdout
     comp = compare_runs([a, b])
     assert list(comp["paired"]) == ["qstar − base"] and render(json.loads(json.dumps(comp)))
     other = _run_dir(tmp_path, "other", [1, 1, 1, 1], ids=["t/0", "t/1", "t/2", "t/9"])

@@ -146,11 +146,15 @@ def compare_runs(paths: list[str], metrics: list[str] | None = None,
                           f"(or lack example {err})") from None
     return {
         "schema_version": 1, "kind": "comparison", "methods": methods, "score": score,
-        "command": " ".join(["python cli.py report", *paths, "--compare true"]),
+        "command": " ".join(["python cli.py report", *paths, "--compare true",
+                             f"--baselines '{json.dumps(baselines)}'",
+                             *([f"--metrics '{json.dumps(metrics)}'"] if metrics else [])]),
         "data": runs[0]["data"],
         "metrics": {k: {r["method"]: r["metrics"].get(k) for r in runs} for k in names},
+        # each pair once: a baseline is compared with the baselines listed after it only
         "paired": {f"{m} − {b}": paired_difference(scores[m], scores[b])
-                   for b in baselines for m in methods if m != b},
+                   for j, b in enumerate(baselines) for m in methods
+                   if m != b and m not in baselines[:j]},
         "runs": {r["method"]: {k: r.get(k) for k in ("command", "git", "config", "models",
                                                      "packages", "threads", "timings")}
                  for r in runs},
@@ -178,10 +182,14 @@ def render(results: dict[str, Any]) -> str:
     cmd = results.get("command")
     cmd = " ".join(cmd) if isinstance(cmd, list) else cmd
     sha = (results.get("git") or {}).get("sha", "")[:10]
+    method = f"method {results.get('method')}"
     if results.get("kind") == "comparison":
-        sha = ", ".join(f"{m} {(r.get('git') or {}).get('sha', '')[:10]}"
-                        for m, r in results["runs"].items())
-    lines += ["", f"<sub>`{cmd}` · method {results.get('method')} · git {sha} · "
+        shas = {m: (r.get("git") or {}).get("sha", "")[:10] for m, r in results["runs"].items()}
+        sha = ", ".join(dict.fromkeys(shas.values())) if len(set(shas.values())) == 1 else \
+            ", ".join(f"{m} {v}" for m, v in shas.items())
+        method = "runs " + ", ".join(f"{m}: `{r.get('command')}`"
+                                     for m, r in results["runs"].items())
+    lines += ["", f"<sub>`{cmd}` · {method} · git {sha} · "
               f"n = {results.get('data', {}).get('n')}</sub>"]
     return "\n".join(lines) + "\n"
 
