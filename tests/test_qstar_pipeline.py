@@ -85,7 +85,7 @@ def test_stream_batches_mask_prompt_and_carry_diagnostics(tiny_lm, generated):
     assert (b["labels"][0, n:] == -100).all()
     for key in ("alpha_mean", "ess_ratio_mean", "kl_theta_mean", "kl_t_mean"):
         assert torch.isfinite(b[key]).all()
-    assert (b["log_weight"] == 0).all()
+    assert torch.isfinite(b["log_weight"]).all()  # sampled at temperature 1: weights written
 
 
 # ------------------------------------------------------------------------ SFT
@@ -151,6 +151,20 @@ def _qstar_test(method, tiny_lm, tiny_lm_b, prompts_file):
                        "--data.init_args.limit", "5", "--data.init_args.batch_size", "3"])
     run_dir = Path(result.trainer.log_dir)
     return run_dir, json.loads((run_dir / "results.json").read_text())
+
+
+def test_weighted_fit_refuses_samples_without_log_weight(tiny_lm, generated, tmp_path):
+    unweighted = tmp_path / "gen.jsonl"
+    unweighted.write_text(generated.read_text())
+    diag = [{k: v for k, v in r.items() if not k.startswith("log_weight")}
+            for r in read_jsonl(generated.with_name("gen.diagnostics.jsonl"))]
+    (tmp_path / "gen.diagnostics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in diag))
+    with pytest.raises(ValueError, match="needs a log_weight for every sample"):
+        cli.main(["fit", "--config", str(REPO / "configs/qstar/debug_sft.yaml"),
+                  "--model.init_args.model", str(tiny_lm),
+                  "--model.init_args.importance_weighting", "true",
+                  "--data.init_args.model", str(tiny_lm),
+                  "--data.init_args.files", json.dumps([str(unweighted)])])
 
 
 def test_test_method_qstar_writes_results(tiny_lm, tiny_lm_b, prompts_file):

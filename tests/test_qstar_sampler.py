@@ -109,3 +109,27 @@ def test_generate_survives_sigkill_and_matches_uninterrupted(tiny_lm, tiny_lm_b,
     bad = subprocess.run([*_gen_cmd(tiny_lm, tiny_lm_b, src, out)[:-2], "--decoding.seed", "8"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "different configuration" in bad.stderr
+
+
+@pytest.mark.parametrize("alpha, zero, other", [(1.0, "log_weight", "log_weight_t"),
+                                                (0.0, "log_weight_t", "log_weight")])
+def test_generate_writes_sequence_log_weights(tiny_lm, tiny_lm_b, tmp_path, alpha, zero, other):
+    """q = π_θ at α = 1 makes log π_θ/q zero on every token (and π_t/q not); mirror at α = 0."""
+    from toolkit.qstar.generate_data import diagnostics_path, generate
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hi", "2 + 2 =")))
+    out = tmp_path / "g.jsonl"
+    generate(str(prompts), str(out), model_theta=str(tiny_lm), model_t=str(tiny_lm_b),
+             alpha_method="fixed", fixed_alpha=alpha, batch_size=2,
+             decoding=DecodingConfig(max_new_tokens=8, temperature=0.7, seed=1))
+    rows = [json.loads(x) for x in diagnostics_path(out).read_text().splitlines()]
+    assert len(rows) == 2
+    assert all(abs(r[zero]) < 1e-4 for r in rows)
+    assert all(np.isfinite(r[other]) and abs(r[other]) > 1e-3 for r in rows)
+    greedy = tmp_path / "greedy.jsonl"
+    generate(str(prompts), str(greedy), model_theta=str(tiny_lm), model_t=str(tiny_lm_b),
+             alpha_method="fixed", fixed_alpha=alpha, batch_size=2,
+             decoding=DecodingConfig(max_new_tokens=4, temperature=0.0))
+    assert all("log_weight" not in json.loads(x)
+               for x in diagnostics_path(greedy).read_text().splitlines())

@@ -7,7 +7,10 @@ One output row per sample::
 
 and, beside it, ``<output>.diagnostics.jsonl`` with one row per sample (α, ESS ratio and both
 KLs averaged over the sample's tokens, and the fractions of tokens meeting the seed's
-theoretical conditions) when q* is used.
+theoretical conditions) when q* is used. When sampling (temperature > 0) each row also holds the
+sequence log importance weights ``log_weight`` = Σ_t log π_θ(y_t)/q(y_t) and ``log_weight_t`` =
+Σ_t log π_t(y_t)/q(y_t), against the exact per-token q the tokens were drawn from (after
+top-k/top-p; the models at the same temperature); SFT's optional weighting reads ``log_weight``.
 
 Resuming. Batches are fixed by sample index (batch b = samples b·B … b·B+B−1) and every
 sample draws from its own generator seeded by (seed, sample_idx), so a rerun regenerates a lost
@@ -37,8 +40,12 @@ def diagnostics_path(output: Path) -> Path:
     return output.with_name(output.stem + ".diagnostics.jsonl")
 
 
-def _sample_diagnostics(idx: int, out: Any) -> dict[str, Any]:
+def _sample_diagnostics(idx: int, out: Any, sampled: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"sample_idx": idx, "tokens": out.generated_tokens}
+    for key, name in (("logw_theta", "log_weight"), ("logw_t", "log_weight_t")):
+        arr = out.extra.get(key)
+        if sampled and arr is not None:  # greedy output was not drawn from q: no weight
+            row[name] = float(np.sum(np.asarray(arr, dtype=np.float64)))
     for key in DIAG_KEYS:
         arr = out.extra.get(key)
         if arr is not None and len(arr):
@@ -91,7 +98,8 @@ def generate(dataset: str, output: str, model: str | None = None,
     config = {"dataset": dataset, "model": model, "model_theta": model_theta,
               "model_t": model_t, "alpha_method": alpha_method if model is None else None,
               "fixed_alpha": fixed_alpha, "batch_size": batch_size,
-              "decoding": asdict(decoding), "prompt_field": prompt_field, "dtype": dtype}
+              "decoding": asdict(decoding), "prompt_field": prompt_field, "dtype": dtype,
+              "format": 2}  # 2: diagnostics carry log weights; older files are refused
     out_path = Path(output)
     writer = JsonlAppender(out_path, "sample_idx", config)
     done = writer.done_keys()
@@ -131,7 +139,7 @@ def generate(dataset: str, output: str, model: str | None = None,
                 row["original_reference"] = ex.reference
             row.update({f"original_{k}": v for k, v in ex.meta.items()})
             rows.append(row)
-            drows.append(_sample_diagnostics(i, o))
+            drows.append(_sample_diagnostics(i, o, sampled=not decoding.greedy))
         if diags is not None:
             diags.append(drows)
         writer.append(rows)

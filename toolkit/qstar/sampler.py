@@ -81,8 +81,15 @@ class QStarSampler:
             nxt = logq_s.argmax(-1)
         else:
             nxt = sample_rows(logq_s, rows)
-        diag = token_diagnostics(res, logq_s)
-        return nxt, logq_s.float(), {k: v.float() for k, v in diag.as_dict().items()}
+        diag = token_diagnostics(res, logq_s).as_dict()
+        # Per-token log importance ratios of the emitted token against the distribution it was
+        # drawn from (temperature-scaled models, q after top-k/top-p); summed per sample they
+        # are the sequence weights log π(y)/q(y) (meaningful when sampling, not greedy).
+        tok = nxt[:, None].to(logq_s.device)
+        logq_tok = logq_s.gather(-1, tok).squeeze(-1)
+        diag["logw_theta"] = res.logp_theta.gather(-1, tok).squeeze(-1) - logq_tok
+        diag["logw_t"] = res.logp_t.gather(-1, tok).squeeze(-1) - logq_tok
+        return nxt, logq_s.float(), {k: v.float() for k, v in diag.items()}
 
     def generate(self, requests: Sequence[GenerationRequest], config: DecodingConfig,
                  batch_size: int = 8) -> list[GenerationOutput]:

@@ -6,7 +6,8 @@ the base model; W is frozen and only A, B train. Checkpoints keep only the train
 (the frozen base comes from ``model``), which for a 0.5B model is a few MB instead of 2 GB.
 
 Importance weighting (off by default). Each sample may carry a sequence log-weight
-``log w_i`` (``log_weight`` in the diagnostics file, e.g. Σ_t log π_θ/q over its tokens).
+``log w_i`` (``log_weight`` in the diagnostics file: Σ_t log π_θ/q over its tokens, written by
+``generate`` when it samples).
 Per batch the weights are self-normalised in log space, ``w̃ = softmax(log w)`` (no overflow
 however long the sequence), capped at ``weight_clip`` times the uniform weight 1/B and
 renormalised (``batch_weights``: the excess goes to the others in proportion); the loss is Σ w̃_i · loss_i and ``train/batch_ess`` = 1 / Σ w̃_i² (B when
@@ -167,6 +168,10 @@ class QStarSFTModule(LightningModule):
         losses = self(batch)
         n = losses.numel()
         if self.hparams.importance_weighting:
+            if torch.isnan(batch["log_weight"]).any():
+                raise ValueError("importance_weighting needs a log_weight for every sample, but "
+                                 "the diagnostics file lacks some: generate the data with "
+                                 "temperature > 0 (greedy output has no weights)")
             w = batch_weights(batch["log_weight"], self.hparams.weight_clip).to(losses.device)
         else:
             w = torch.full_like(losses, 1.0 / n)

@@ -2,8 +2,9 @@
 
 Each generation file ``X.jsonl`` may have ``X.diagnostics.jsonl`` beside it (q* runs write
 one); its per-sample ``alpha_mean``, ``ess_ratio_mean``, ``kl_theta_mean``, ``kl_t_mean`` and
-optional ``log_weight`` travel with the sample. Missing diagnostics become NaN and a missing
-``log_weight`` becomes 0 (weight 1), so plain-generation files stream too.
+``log_weight`` (written when the file was sampled, temperature > 0) travel with the sample.
+Missing values become NaN, so plain-generation files stream too; an importance-weighted fit
+refuses a batch whose ``log_weight`` is missing rather than silently weighting it uniformly.
 
 Sharding. An ``IterableDataset`` gets no sampler from Lightning, so the dataset shards itself:
 row ``i`` (counted over all files, in order) goes to shard ``i mod (world · workers)``, where the
@@ -133,7 +134,8 @@ class GenerationStream(IterableDataset):
         for key in DIAG_FIELDS:
             value = diag.get(key)
             item[key] = float(value) if value is not None else math.nan
-        item["log_weight"] = float(diag.get("log_weight", 0.0))
+        value = diag.get("log_weight")
+        item["log_weight"] = float(value) if value is not None else math.nan
         if self.tokenizer is None:
             item["messages"] = row["messages"]
             return item
