@@ -153,18 +153,21 @@ def _qstar_test(method, tiny_lm, tiny_lm_b, prompts_file):
     return run_dir, json.loads((run_dir / "results.json").read_text())
 
 
-def test_weighted_fit_refuses_samples_without_log_weight(tiny_lm, generated, tmp_path):
+def test_weighted_fit_refuses_samples_without_log_weight(tiny_lm, generated, tmp_path, capsys):
     unweighted = tmp_path / "gen.jsonl"
     unweighted.write_text(generated.read_text())
     diag = [{k: v for k, v in r.items() if not k.startswith("log_weight")}
             for r in read_jsonl(generated.with_name("gen.diagnostics.jsonl"))]
     (tmp_path / "gen.diagnostics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in diag))
-    with pytest.raises(ValueError, match="needs a log_weight for every sample"):
+    with pytest.raises(SystemExit) as exit_info:  # one line on stderr, no traceback
         cli.main(["fit", "--config", str(REPO / "configs/qstar/debug_sft.yaml"),
                   "--model.init_args.model", str(tiny_lm),
                   "--model.init_args.importance_weighting", "true",
                   "--data.init_args.model", str(tiny_lm),
                   "--data.init_args.files", json.dumps([str(unweighted)])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "needs a log_weight for every sample" in err
+    assert "Traceback" not in err
 
 
 def test_test_method_qstar_writes_results(tiny_lm, tiny_lm_b, prompts_file):

@@ -238,10 +238,12 @@ def _is_user_error(err: Exception) -> bool:
     from toolkit.evaluation.report import ReportError
     from toolkit.models.loading import ModelLoadError
     from toolkit.models.zoo import ZooError
+    from toolkit.qstar.sft_module import MissingWeightsError
     from toolkit.serving.bundle import BundleError
 
     types: tuple[type, ...] = (ZooError, ModelLoadError, ResumeMismatchError, CheckpointError,
-                               PredictorFileError, FeatureSchemaError, BundleError, ReportError)
+                               PredictorFileError, FeatureSchemaError, BundleError, ReportError,
+                               MissingWeightsError)
     try:
         from toolkit.tasks.base import TaskError
 

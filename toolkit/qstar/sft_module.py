@@ -114,6 +114,10 @@ def batch_weights(log_weights: torch.Tensor, clip: float) -> torch.Tensor:
     return w.float()
 
 
+class MissingWeightsError(ValueError):
+    """An importance-weighted fit met a sample without ``log_weight`` (e.g. greedy output)."""
+
+
 class QStarSFTModule(LightningModule):
     """Fine-tune π_θ on generated conversations (``QStarStreamDataModule`` batches).
 
@@ -169,7 +173,7 @@ class QStarSFTModule(LightningModule):
         n = losses.numel()
         if self.hparams.importance_weighting:
             if torch.isnan(batch["log_weight"]).any():
-                raise ValueError("importance_weighting needs a log_weight for every sample, but "
+                raise MissingWeightsError("importance_weighting needs a log_weight for every sample, but "
                                  "the diagnostics file lacks some: generate the data with "
                                  "temperature > 0 (greedy output has no weights)")
             w = batch_weights(batch["log_weight"], self.hparams.weight_clip).to(losses.device)

@@ -131,11 +131,9 @@ class GenerationStream(IterableDataset):
 
     def _item(self, path: Path, row: dict[str, Any], diag: dict[str, Any]) -> dict[str, Any]:
         item: dict[str, Any] = {"file": str(path), "sample_idx": int(row["sample_idx"])}
-        for key in DIAG_FIELDS:
+        for key in (*DIAG_FIELDS, "log_weight"):
             value = diag.get(key)
             item[key] = float(value) if value is not None else math.nan
-        value = diag.get("log_weight")
-        item["log_weight"] = float(value) if value is not None else math.nan
         if self.tokenizer is None:
             item["messages"] = row["messages"]
             return item
