@@ -133,3 +133,29 @@ def test_generate_writes_sequence_log_weights(tiny_lm, tiny_lm_b, tmp_path, alph
              decoding=DecodingConfig(max_new_tokens=4, temperature=0.0))
     assert all("log_weight" not in json.loads(x)
                for x in diagnostics_path(greedy).read_text().splitlines())
+
+
+def test_sharded_generation_gathers_into_the_same_output(tiny_lm, tiny_lm_b, tmp_path):
+    """Shards skip what the output holds, make their own batches, and a plain run gathers them."""
+    from toolkit.qstar.generate_data import diagnostics_path, generate, shard_path
+
+    src = tmp_path / "prompts.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"Count to {i}."}) + "\n" for i in range(10)))
+    kw = dict(model_theta=str(tiny_lm), model_t=str(tiny_lm_b), batch_size=2,
+              decoding=DecodingConfig(max_new_tokens=6, temperature=1.0, seed=3))
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
+    generate(str(src), str(ref), **kw)
+    generate(str(src), str(out), num_samples=4, **kw)  # batches 0 and 1 already in the output
+    for k, want in ((0, [4, 5, 8, 9]), (1, [6, 7])):
+        generate(str(src), str(out), shard=f"{k}/2", **kw)
+        assert [r["sample_idx"] for r in read_jsonl(shard_path(out, k, 2))] == want
+    assert len(list(read_jsonl(out))) == 4
+    summary = generate(str(src), str(out), **kw)
+    assert summary["written"] == 0 and summary["total"] == 10
+    assert list(read_jsonl(out)) == list(read_jsonl(ref))
+    assert list(read_jsonl(diagnostics_path(out))) == list(read_jsonl(diagnostics_path(ref)))
+    assert not list(tmp_path.glob("out.shard-*"))
+    with pytest.raises(ValueError, match="k/n"):
+        generate(str(src), str(out), shard="half", **kw)
+    with pytest.raises(ValueError, match="0 <= k < n"):
+        generate(str(src), str(out), shard="2/2", **kw)
