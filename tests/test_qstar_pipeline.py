@@ -139,6 +139,36 @@ def test_lora_fit_changes_only_lora_and_logs_ess(tiny_lm, generated, tmp_path):
     assert "train/batch_ess" not in unweighted.trainer.callback_metrics
     ckpt = torch.load(Path(trainer.log_dir) / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+    # `merge` folds the LoRA update into a plain transformers folder with the same outputs.
+    merged = Path(cli.main(["merge", "--checkpoint", str(Path(trainer.log_dir) / "checkpoints"
+                                                         / "last.ckpt"),
+                            "--output", str(tmp_path / "merged")]))
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    module.lm.eval()
+    with torch.no_grad():
+        want = module.lm(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(merged))(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(base_logits(tiny_lm, ids), want, atol=1e-3)
+    assert (merged / "tokenizer_config.json").is_file()
+
+
+def base_logits(path, ids):
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(str(path))(input_ids=ids).logits
+
+
+def test_merge_refuses_a_missing_or_foreign_checkpoint(tmp_path, capsys):
+    foreign = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    for path, msg in ((tmp_path / "none.ckpt", "no checkpoint file"),
+                      (foreign, "not a q* SFT")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["merge", "--checkpoint", str(path), "--output", str(tmp_path / "m")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and msg in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- test --method

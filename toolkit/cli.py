@@ -64,10 +64,12 @@ def _extra_commands() -> dict[str, Any]:
     from toolkit.evaluation.report import report
     from toolkit.qstar.analyze import analyze
     from toolkit.qstar.generate_data import generate
+    from toolkit.qstar.sft_module import merge_checkpoint
     from toolkit.serving.server import serve
 
     return {"zoo": {"list": zoo_list, "pull": zoo_pull}, "label": label, "export": export,
-            "generate": generate, "analyze": analyze, "serve": serve, "report": report}
+            "generate": generate, "analyze": analyze, "serve": serve, "report": report,
+            "merge": merge_checkpoint}
 
 
 # ------------------------------------------------------------------ lightning
@@ -176,6 +178,7 @@ Toolkit subcommands:
   label      run every stage of a cascade over a task and write labelled records
   export     export a predictor checkpoint to ONNX (parity-checked, timed), optionally publish
   generate   plain or q* generation into resumable OpenAI-format JSONL
+  merge      merge a q* SFT (LoRA) checkpoint into its base model: a transformers folder
   analyze    q* diagnostics: statistics, the seed's condition checks, plots, files side by side
   report     markdown tables from results.json files; rewrites README's result blocks
   serve      serve a cascade bundle over HTTP (default: --config configs/serve/default.yaml);
@@ -238,12 +241,13 @@ def _is_user_error(err: Exception) -> bool:
     from toolkit.evaluation.report import ReportError
     from toolkit.models.loading import ModelLoadError
     from toolkit.models.zoo import ZooError
-    from toolkit.qstar.sft_module import MissingWeightsError
+    from toolkit.qstar.generate_data import GenerateConfigError
+    from toolkit.qstar.sft_module import MissingWeightsError, SFTCheckpointError
     from toolkit.serving.bundle import BundleError
 
     types: tuple[type, ...] = (ZooError, ModelLoadError, ResumeMismatchError, CheckpointError,
                                PredictorFileError, FeatureSchemaError, BundleError, ReportError,
-                               MissingWeightsError)
+                               MissingWeightsError, SFTCheckpointError, GenerateConfigError)
     try:
         from toolkit.tasks.base import TaskError
 

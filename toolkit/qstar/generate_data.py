@@ -49,13 +49,17 @@ def diagnostics_path(output: Path) -> Path:
     return output.with_name(output.stem + ".diagnostics.jsonl")
 
 
+class GenerateConfigError(ValueError):
+    """A generate option that cannot work (reported as one line by the CLI)."""
+
+
 def _parse_shard(shard: str) -> tuple[int, int]:
     try:
         k, n = (int(x) for x in str(shard).split("/"))
     except ValueError:
-        raise ValueError(f"--shard must look like k/n (e.g. 0/2), got {shard!r}") from None
+        raise GenerateConfigError(f"--shard must look like k/n (e.g. 0/2), got {shard!r}") from None
     if not 0 <= k < n:
-        raise ValueError(f"--shard {shard}: need 0 <= k < n")
+        raise GenerateConfigError(f"--shard {shard}: need 0 <= k < n")
     return k, n
 
 
@@ -139,7 +143,7 @@ def generate(dataset: str, output: str, model: str | None = None,
 
     decoding = decoding or DecodingConfig(temperature=1.0)
     if (model is None) == (model_theta is None or model_t is None):
-        raise ValueError("give either --model (plain) or both --model_theta and --model_t (q*)")
+        raise GenerateConfigError("give either --model (plain) or both --model_theta and --model_t (q*)")
     options = {k: v for k, v in (("prompt_field", prompt_field),
                                  ("reference_field", reference_field)) if v}
     task = build_task(dataset, **options)

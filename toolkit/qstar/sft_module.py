@@ -16,8 +16,10 @@ uniform, 1 when one sample takes all the weight) is logged so a collapse is visi
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,6 +120,10 @@ class MissingWeightsError(ValueError):
     """An importance-weighted fit met a sample without ``log_weight`` (e.g. greedy output)."""
 
 
+class SFTCheckpointError(ValueError):
+    """A checkpoint that is not a QStarSFTModule checkpoint, or does not fit its base model."""
+
+
 class QStarSFTModule(LightningModule):
     """Fine-tune π_θ on generated conversations (``QStarStreamDataModule`` batches).
 
@@ -198,3 +204,64 @@ class QStarSFTModule(LightningModule):
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if k in trainable}
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every ``LoRALinear`` back into a plain Linear holding W + (α/r) · B A (in place)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    child.base.weight += child.scale * (child.lora_B @ child.lora_A)
+                setattr(module, name, child.base)
+    return model
+
+
+def merge_checkpoint(checkpoint: str, output: str) -> str:
+    """Write π_θ with an SFT checkpoint's LoRA update merged in, as a transformers folder.
+
+    The folder (weights, config, tokenizer) works wherever a model is taken: ``generate
+    --model``, ``test --method base --model.init_args.model_theta``, a cascade stage.
+
+    Args:
+        checkpoint: a ``.ckpt`` written by ``fit --config configs/qstar/sft.yaml``.
+        output: the folder to write (replaced whole; written beside it, then renamed).
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from toolkit.models.loading import resolve
+
+    ckpt_path = Path(checkpoint)
+    if not ckpt_path.is_file():
+        raise SFTCheckpointError(f"no checkpoint file at {checkpoint}")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "lora_r" not in ckpt.get(
+            "hyper_parameters", {}):
+        raise SFTCheckpointError(f"{checkpoint} is not a q* SFT (QStarSFTModule) checkpoint")
+    known = inspect.signature(QStarSFTModule).parameters  # LightningCLI adds _class_path
+    module = QStarSFTModule(**{k: v for k, v in ckpt["hyper_parameters"].items() if k in known})
+    module.configure_model()
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    if set(ckpt["state_dict"]) != trainable:
+        raise SFTCheckpointError(
+            f"{checkpoint} does not fit {module.hparams.model}: its tensors are not the "
+            "module's trainable ones (another base model or LoRA setting?)")
+    module.load_state_dict(ckpt["state_dict"], strict=False)
+    lm = merge_lora(module.lm).eval()
+    lm.config.use_cache = True
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        lm.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(resolve(module.hparams.model).path).save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged {checkpoint} into {out}")
+    return str(out)
