@@ -88,6 +88,23 @@ def test_stream_batches_mask_prompt_and_carry_diagnostics(tiny_lm, generated):
     assert torch.isfinite(b["log_weight"]).all()  # sampled at temperature 1: weights written
 
 
+def test_answers_cut_at_max_new_tokens_do_not_learn_to_end_the_turn(tiny_lm, generated):
+    from toolkit.models.loading import load_tokenizer, resolve
+    from toolkit.qstar.stream_datamodule import tokenize_chat
+
+    rows = list(read_jsonl(generated))
+    assert {r["finish_reason"] for r in rows} <= {"stop", "length"}
+    tok = load_tokenizer(resolve(str(tiny_lm)))
+    msgs = [{"role": "user", "content": "What is 2 + 3?"},
+            {"role": "assistant", "content": "2 + 3 is 5 because"}]
+    ids, labels = tokenize_chat(tok, msgs, 512)
+    cut_ids, cut_labels = tokenize_chat(tok, msgs, 512, truncated=True)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert end in [t for t in labels if t != -100]
+    assert end not in [t for t in cut_labels if t != -100]
+    assert ids[:len(cut_ids)] == cut_ids and len(cut_ids) < len(ids)
+
+
 # ------------------------------------------------------------------------ SFT
 def test_batch_weights_normalised_clipped_and_stable():
     from toolkit.qstar.sft_module import batch_weights

@@ -115,29 +115,38 @@ def _cascade_tables(r: dict[str, Any]) -> list[str]:
 
 
 def compare_runs(paths: list[str], metrics: list[str] | None = None,
-                 baselines: list[str] | None = None, score: str = "correct") -> dict[str, Any]:
-    """Several methods' runs on the same examples as one comparison (see module doc)."""
+                 baselines: list[str] | None = None, score: str = "correct",
+                 labels: list[str] | None = None) -> dict[str, Any]:
+    """Several methods' runs on the same examples as one comparison (see module doc).
+
+    ``labels`` name the runs (default: each run's method); give them when two runs share a
+    method, e.g. one model before and after fine-tuning.
+    """
+    if labels is not None and len(labels) != len(paths):
+        raise ReportError(f"--labels gives {len(labels)} names for {len(paths)} runs")
     runs, rows = [], {}
-    for path in paths:
+    for j, path in enumerate(paths):
         r = _load(path)
+        name = labels[j] if labels else r["method"]
         d = Path(path) if Path(path).is_dir() else Path(path).parent
         if not (d / "examples.jsonl").is_file():
             raise ReportError(f"{d} has no examples.jsonl beside results.json")
-        if r["method"] in rows:
-            raise ReportError(f"method {r['method']!r} is given twice")
-        rows[r["method"]] = {str(x["id"]): x for x in read_jsonl(d / "examples.jsonl")}
-        runs.append(r)
+        if name in rows:
+            raise ReportError(f"method {name!r} is given twice (name the runs with --labels)")
+        rows[name] = {str(x["id"]): x for x in read_jsonl(d / "examples.jsonl")}
+        runs.append((name, r))
     if len(runs) < 2:
         raise ReportError("--compare needs at least two runs")
-    ids = {r["method"]: (r["data"]["n"], r["data"]["ids_hash"]) for r in runs}
+    ids = {m: (r["data"]["n"], r["data"]["ids_hash"]) for m, r in runs}
     if len(set(ids.values())) > 1:
         raise ReportError(f"the runs are on different examples (n, ids_hash): {ids}")
-    methods = [r["method"] for r in runs]
+    methods = [m for m, _ in runs]
     baselines = baselines or methods[:1]
     if missing := [b for b in baselines if b not in rows]:
         raise ReportError(f"baseline(s) {missing} are not among the runs {methods}")
     names = metrics or list(dict.fromkeys(
-        k for r in runs for k, v in r["metrics"].items() if isinstance(v, dict) and "value" in v))
+        k for _, r in runs for k, v in r["metrics"].items()
+        if isinstance(v, dict) and "value" in v))
     order = sorted(rows[methods[0]])
     try:
         scores = {m: [float(rows[m][i][score]) for i in order] for m in methods}
@@ -148,16 +157,17 @@ def compare_runs(paths: list[str], metrics: list[str] | None = None,
         "schema_version": 1, "kind": "comparison", "methods": methods, "score": score,
         "command": " ".join(["python cli.py report", *paths, "--compare true",
                              f"--baselines '{json.dumps(baselines)}'",
-                             *([f"--metrics '{json.dumps(metrics)}'"] if metrics else [])]),
-        "data": runs[0]["data"],
-        "metrics": {k: {r["method"]: r["metrics"].get(k) for r in runs} for k in names},
+                             *([f"--metrics '{json.dumps(metrics)}'"] if metrics else []),
+                             *([f"--labels '{json.dumps(labels)}'"] if labels else [])]),
+        "data": runs[0][1]["data"],
+        "metrics": {k: {m: r["metrics"].get(k) for m, r in runs} for k in names},
         # each pair once: a baseline is compared with the baselines listed after it only
         "paired": {f"{m} − {b}": paired_difference(scores[m], scores[b])
                    for j, b in enumerate(baselines) for m in methods
                    if m != b and m not in baselines[:j]},
-        "runs": {r["method"]: {k: r.get(k) for k in ("command", "git", "config", "models",
-                                                     "packages", "threads", "timings")}
-                 for r in runs},
+        "runs": {m: {k: r.get(k) for k in ("command", "git", "config", "models",
+                                           "packages", "threads", "timings")}
+                 for m, r in runs},
     }
 
 
@@ -208,7 +218,8 @@ def update_readme(readme: Path = REPO / "README.md", snapshots: Path = SNAPSHOTS
 
 def report(paths: list[str], format: str = "md", snapshot: str | None = None,
            update_readme_blocks: bool = False, compare: bool = False,
-           metrics: list[str] | None = None, baselines: list[str] | None = None) -> str:
+           metrics: list[str] | None = None, baselines: list[str] | None = None,
+           labels: list[str] | None = None) -> str:
     """Print markdown tables for results.json files (or run directories).
 
     Args:
@@ -221,12 +232,14 @@ def report(paths: list[str], format: str = "md", snapshot: str | None = None,
             paired differences of the per-example score against ``baselines``.
         metrics: with compare, the metrics to show (default: every metric with a value).
         baselines: with compare, the methods the others are paired with (default: the first).
+        labels: with compare, a name per run (default: its method); needed when two runs
+            share a method (one model before and after fine-tuning).
     """
     if format not in ("md", "json"):
         raise ValueError(f"format must be md or json, got {format!r}")
     out = []
     if compare:
-        c = compare_runs(paths, metrics, baselines)
+        c = compare_runs(paths, metrics, baselines, labels=labels)
         out.append(render(c) if format == "md" else json.dumps(c["metrics"], indent=1))
         if snapshot:
             atomic_write_json(SNAPSHOTS / f"{snapshot}.json", c)

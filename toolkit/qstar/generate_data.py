@@ -3,7 +3,8 @@
 One output row per sample::
 
     {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}],
-     "sample_idx": 0, "original_<field>": ...}     (every other field of the source row)
+     "finish_reason": "stop" | "length", "sample_idx": 0,
+     "original_<field>": ...}                       (every other field of the source row)
 
 and, beside it, ``<output>.diagnostics.jsonl`` with one row per sample (α, ESS ratio and both
 KLs averaged over the sample's tokens, and the fractions of tokens meeting the seed's
@@ -199,8 +200,11 @@ def generate(dataset: str, output: str, model: str | None = None,
                 continue
             ex = examples[i]
             row = {"messages": [{"role": "user", "content": ex.prompt},
-                                {"role": "assistant", "content": o.text}], "sample_idx": i,
-                   "original_id": ex.id}
+                                {"role": "assistant", "content": o.text}],
+                   # OpenAI's names: "length" = cut at max_new_tokens, so SFT must not learn
+                   # to end the turn there
+                   "finish_reason": "length" if o.stop_reason == "length" else "stop",
+                   "sample_idx": i, "original_id": ex.id}
             if ex.reference is not None:
                 row["original_reference"] = ex.reference
             row.update({f"original_{k}": v for k, v in ex.meta.items()})

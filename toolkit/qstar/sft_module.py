@@ -258,6 +258,7 @@ def merge_checkpoint(checkpoint: str, output: str) -> str:
     try:
         lm.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(resolve(module.hparams.model).path).save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -56,20 +56,23 @@ def _reader_shard(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return rank * workers + worker, world_size * workers
 
 
-def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], max_length: int
-                  ) -> tuple[list[int], list[int]]:
+def tokenize_chat(tokenizer: Any, messages: list[dict[str, str]], max_length: int,
+                  truncated: bool = False) -> tuple[list[int], list[int]]:
     """Token ids and labels of one conversation: only the last (assistant) turn is learned.
 
     The prompt is rendered with the generation prompt, exactly as the sampler saw it, and the
     completion is tokenised as the text the full template adds after that prompt, so a BPE
-    merge across the boundary cannot shift the mask.
+    merge across the boundary cannot shift the mask. A ``truncated`` answer (cut at
+    max_new_tokens) gets no end-of-turn tokens: the model must not learn to stop mid-answer.
     """
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("a training row needs messages ending with an assistant turn")
     prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False,
                                            add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, tokenize=False)
-    if not full.startswith(prompt):  # templates that rewrite earlier turns: fall back
+    if truncated:
+        completion = messages[-1]["content"]
+    elif not full.startswith(prompt):  # templates that rewrite earlier turns: fall back
         completion = messages[-1]["content"] + (tokenizer.eos_token or "")
     else:
         completion = full[len(prompt):]
@@ -137,8 +140,9 @@ class GenerationStream(IterableDataset):
         if self.tokenizer is None:
             item["messages"] = row["messages"]
             return item
-        item["input_ids"], item["labels"] = tokenize_chat(self.tokenizer, row["messages"],
-                                                          self.max_length)
+        item["input_ids"], item["labels"] = tokenize_chat(
+            self.tokenizer, row["messages"], self.max_length,
+            truncated=row.get("finish_reason") == "length")
         return item
 
 
