@@ -117,3 +117,21 @@ def test_report_compares_runs_side_by_side_with_paired_differences(tmp_path):
         compare_runs([a, other])
     with pytest.raises(ReportError, match="not among the runs"):
         compare_runs([a, b], baselines=["teacher"])
+
+
+def test_report_labels_name_runs_of_the_same_method(tmp_path):
+    import pytest
+
+    from toolkit.evaluation.report import ReportError, compare_runs
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    before = _run_dir(tmp_path / "a", "base", [1, 0, 0, 1])
+    after = _run_dir(tmp_path / "b", "base", [1, 1, 0, 1])
+    with pytest.raises(ReportError, match="given twice"):
+        compare_runs([before, after])
+    comp = compare_runs([before, after], labels=["base", "base+sft"])
+    assert comp["methods"] == ["base", "base+sft"]
+    assert comp["paired"]["base+sft − base"]["value"] == 0.25
+    assert "--labels" in comp["command"]
+    with pytest.raises(ReportError, match="2 runs"):
+        compare_runs([before, after], labels=["one"])
