@@ -180,8 +180,10 @@ def base_logits(path, ids):
 def test_merge_refuses_a_missing_or_foreign_checkpoint(tmp_path, capsys):
     foreign = tmp_path / "x.ckpt"
     torch.save({"state_dict": {}}, foreign)
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
     for path, msg in ((tmp_path / "none.ckpt", "no checkpoint file"),
-                      (foreign, "not a q* SFT")):
+                      (foreign, "not a q* SFT"), (text, "is not a checkpoint")):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["merge", "--checkpoint", str(path), "--output", str(tmp_path / "m")])
         err = capsys.readouterr().err

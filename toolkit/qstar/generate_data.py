@@ -21,8 +21,7 @@ samples on resume. A file made with another configuration is refused, never mixe
 
 Sharding. ``--shard k/n`` makes batches b with b mod n = k only, into
 ``<output>.shard-k-of-n.jsonl`` (each shard resumable on its own), so n processes or machines
-can share one set: a decode step is memory-bound on CPU, so two one-thread processes make
-nearly twice the samples per minute of one two-thread process. A later run without ``--shard``
+can share one set. A later run without ``--shard``
 first moves the finished rows of every shard file with the same configuration into the output
 (diagnostics first, rows in sample order, each shard file removed once its rows are in), then
 makes whatever is still missing (run it after the shard processes end). The content is the
@@ -162,7 +161,7 @@ def generate(dataset: str, output: str, model: str | None = None,
             in_output = JsonlAppender(out_path, "sample_idx", config).done_keys()
         out_path = shard_path(out_path, shard_k, shard_n)
     writer = JsonlAppender(out_path, "sample_idx", config)
-    done = writer.done_keys()
+    done = writer.done_keys() | in_output
     diag_path = diagnostics_path(out_path)
     if diag_path.exists():  # keep only the samples the output holds (see module docstring)
         kept = [r for r in read_jsonl(diag_path) if r["sample_idx"] in done]
@@ -173,17 +172,14 @@ def generate(dataset: str, output: str, model: str | None = None,
         _absorb_shards(out_path, writer, diags, config, done)
     batches = [list(range(b, min(b + batch_size, len(examples))))
                for b in range(0, len(examples), batch_size)]
-    have = done | in_output
     todo = [b for j, b in enumerate(batches)
-            if j % shard_n == shard_k and any(i not in have for i in b)]
-    engine: Any = None
-    if not todo:
-        pass  # nothing to make: do not load the models
-    elif model is not None:
+            if j % shard_n == shard_k and any(i not in done for i in b)]
+    engine: Any = None  # loaded only when there is something to make
+    if todo and model is not None:
         from toolkit.generation.hf_backend import TransformersBackend
 
         engine = TransformersBackend(model, dtype=dtype, device=device)
-    else:
+    elif todo:
         from toolkit.qstar.sampler import QStarSampler
 
         engine = QStarSampler(model_theta, model_t, alpha_method, fixed_alpha, dtype, device)
@@ -196,7 +192,7 @@ def generate(dataset: str, output: str, model: str | None = None,
         outs = engine.generate(reqs, decoding, batch_size=batch_size)
         rows, drows = [], []
         for i, o in zip(batch, outs):
-            if i in done or i in in_output:
+            if i in done:
                 continue
             ex = examples[i]
             row = {"messages": [{"role": "user", "content": ex.prompt},

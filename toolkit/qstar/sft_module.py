@@ -237,7 +237,10 @@ def merge_checkpoint(checkpoint: str, output: str) -> str:
     ckpt_path = Path(checkpoint)
     if not ckpt_path.is_file():
         raise SFTCheckpointError(f"no checkpoint file at {checkpoint}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as err:  # not a torch file at all: say so in one line
+        raise SFTCheckpointError(f"{checkpoint} is not a checkpoint: {err}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "lora_r" not in ckpt.get(
             "hyper_parameters", {}):
         raise SFTCheckpointError(f"{checkpoint} is not a q* SFT (QStarSFTModule) checkpoint")
@@ -257,6 +260,7 @@ def merge_checkpoint(checkpoint: str, output: str) -> str:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         lm.save_pretrained(tmp)
+        # the base's tokenizer as it is (load_tokenizer would save its padding tweaks too)
         AutoTokenizer.from_pretrained(resolve(module.hparams.model).path).save_pretrained(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
         if out.exists():
