@@ -266,6 +266,17 @@ def test_analyze_compares_files_and_checks_conditions(generated, tmp_path, capsy
     assert first["samples"] == len(PROMPTS)
     assert first["samples_meeting"]["kl"] == 1.0 and first["tokens_meeting"]["kl"] == 1.0
     assert (tmp_path / "out" / "plots" / "distributions.png").is_file()
+    rows = list(read_jsonl(diag))
+    cut = np.mean([r["tokens"] >= 12 for r in rows])  # the fixture's max_new_tokens
+    assert first["at_token_limit"] == pytest.approx(cut)
+    assert "at_token_limit" not in summary["other.diagnostics.jsonl"]  # no meta beside it
+    lw = np.array([r["log_weight"] for r in rows])
+    w = np.exp(lw - lw.max()) / np.exp(lw - lw.max()).sum()
+    stats = first["log_weight"]
+    assert stats["mean"] == pytest.approx(lw.mean())
+    assert stats["per_token"] == pytest.approx(lw.sum() / sum(r["tokens"] for r in rows))
+    assert stats["ess_fraction"] == pytest.approx(1 / (w ** 2).sum() / len(rows))
+    assert 1 / len(rows) <= stats["ess_fraction"] <= 1
 
 
 @pytest.mark.parametrize("content,message", [(None, "no such file"), ("", "empty file"),

@@ -263,3 +263,13 @@ def test_agreement():
     assert 0.2 < near < 1.0 and 0.2 < chrf("the cat sat on the mat", "the cat sat on a mat") < 1.0
     assert bleu("", "") == 1.0 and chrf("", "") == 1.0
     assert bleu("", "x") == 0.0 and chrf("x", "") == 0.0 and bleu(" ", "x") == 0.0
+
+
+def test_sft_eval_problems_overlap_the_sft_set_once():
+    """README's claim: of configs/qstar/sft_eval.yaml's 64 problems (seed 43), one is also
+    among the 100 prompts of the q* SFT set `small` (the first 100 of seed 42)."""
+    from toolkit.tasks import build_task
+
+    train = {e.prompt for e in build_task("gsm_symbolic").examples()[:100]}
+    held_out = build_task("gsm_symbolic", seed=43).examples()[:64]
+    assert sum(e.prompt in train for e in held_out) == 1

@@ -7,7 +7,13 @@ samples; infinite values, e.g. an ESS ratio with ESS_t = 0, are counted and left
 seed's theoretical conditions (ESS ratio in [0.8, 1.2]; |KL_θ − KL_t| < 0.05; α in [0.2, 0.8])
 as fractions of samples (on the sample means) and of tokens (token-weighted ``frac_meets_*``),
 distribution plots, and all files side by side in one markdown table. Each file is labelled by
-its α method when the generation's ``.meta.json`` is beside it.
+its α method when the generation's ``.meta.json`` is beside it; the meta also gives
+``max_new_tokens``, so the samples that reached it (cut, or ended exactly there) are counted.
+
+When the rows carry sequence log importance weights (``log_weight`` = Σ log π_θ/q, written when
+sampling), their mean and std, the mean per token (its expectation is −KL(q‖π_θ) per token, a
+check of the weights against the KL column) and the self-normalised ESS of the weights over
+the whole file as a fraction of its samples (how many samples a weighted fit really uses).
 """
 
 from __future__ import annotations
@@ -63,17 +69,32 @@ def load_diagnostics(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _generation_config(path: Path) -> dict[str, Any]:
+    """The generation's config from the .meta.json beside its output ({} if there is none)."""
+    meta = path.with_name(path.name.replace(".diagnostics.jsonl", ".jsonl.meta.json"))
+    try:
+        config = json.loads(meta.read_text())["config"]
+        return config if isinstance(config, dict) else {}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return {}
+
+
 def _label(path: Path) -> str:
     """The generation's α method (from its .meta.json) and the file's name."""
-    meta = path.with_name(path.name.replace(".diagnostics.jsonl", ".jsonl.meta.json"))
-    if meta.is_file():
-        try:
-            method = json.loads(meta.read_text())["config"].get("alpha_method")
-            if method:
-                return f"{method} ({path.name})"
-        except (json.JSONDecodeError, KeyError, AttributeError):
-            pass
-    return path.name
+    method = _generation_config(path).get("alpha_method")
+    return f"{method} ({path.name})" if method else path.name
+
+
+def _log_weight_stats(rows: list[dict[str, Any]]) -> dict[str, float] | None:
+    lw = np.array([float(r["log_weight"]) for r in rows if r.get("log_weight") is not None])
+    if not len(lw):
+        return None
+    tokens = sum(int(r.get("tokens", 0)) for r in rows if r.get("log_weight") is not None)
+    w = np.exp(lw - lw.max())
+    w /= w.sum()
+    return {"mean": float(lw.mean()), "std": float(lw.std()),
+            "per_token": float(lw.sum() / tokens) if tokens else math.nan,
+            "ess_fraction": float(1.0 / np.sum(w ** 2) / len(lw))}
 
 
 def _stats(values: np.ndarray) -> dict[str, float | int]:
@@ -85,7 +106,8 @@ def _stats(values: np.ndarray) -> dict[str, float | int]:
             "std": float(finite.std()), "non_finite": int(len(values) - len(finite))}
 
 
-def summarize_file(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize_file(rows: list[dict[str, Any]], max_new_tokens: int | None = None
+                   ) -> dict[str, Any]:
     """Statistics and condition fractions of one file's samples (see the module docstring)."""
     cols = {q: np.array([float(r.get(q, math.nan)) for r in rows]) for q in QUANTITIES}
     out: dict[str, Any] = {"samples": len(rows),
@@ -107,6 +129,9 @@ def summarize_file(rows: list[dict[str, Any]]) -> dict[str, Any]:
             per_token[cond.removeprefix("meets_")] = float((fr[ok] * tokens[ok]).sum()
                                                            / tokens[ok].sum())
     out["tokens_meeting"] = per_token
+    out["log_weight"] = _log_weight_stats(rows)
+    if max_new_tokens:
+        out["at_token_limit"] = float(np.mean(tokens >= max_new_tokens))
     return out
 
 
@@ -134,6 +159,11 @@ def markdown_table(summaries: dict[str, dict[str, Any]]) -> str:
         add(f"samples: {text}", lambda s, k=key: s["samples_meeting"][k], "{:.1%}")
     for key, text in names.items():
         add(f"tokens: {text}", lambda s, k=key: s["tokens_meeting"].get(k), "{:.1%}")
+    add("samples at max_new_tokens", lambda s: s.get("at_token_limit"), "{:.1%}")
+    for key, text in (("mean", "log_weight mean"), ("std", "log_weight std"),
+                      ("per_token", "log_weight per token"),
+                      ("ess_fraction", "weights' ESS / samples")):
+        add(text, lambda s, k=key: (s.get("log_weight") or {}).get(k))
     return "\n".join(lines)
 
 
@@ -183,7 +213,8 @@ def analyze_files(files: list[str | Path], out_dir: str | Path | None = None,
         label = _label(Path(f))
         while label in summaries:  # the same file twice, or two files with one name
             label += "'"
-        summaries[label] = {"file": str(f), **summarize_file(rows)}
+        limit = _generation_config(Path(f)).get("decoding", {}).get("max_new_tokens")
+        summaries[label] = {"file": str(f), **summarize_file(rows, limit)}
         columns[label] = {q: np.array([float(r.get(q, math.nan)) for r in rows])
                           for q in QUANTITIES}
     table = markdown_table(summaries)

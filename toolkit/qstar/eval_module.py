@@ -193,7 +193,9 @@ class QStarEval(LightningModule):
             "accuracy": metric(scored),
             "tokens_per_s": {"value": tokens / wall if wall > 0 else float("nan"),
                              "n": len(rows)},
-            "mean_new_tokens": metric([r["tokens"] for r in rows])}
+            "mean_new_tokens": metric([r["tokens"] for r in rows]),
+            # answers stopped by max_new_tokens: a low limit scores as wrong answers
+            "frac_cut": metric([float(r["stop_reason"] == "length") for r in rows])}
         for key in (*(f"{k}_mean" for k in DIAG), *(f"frac_{k}" for k in CONDITIONS)):
             values = [r[key] for r in rows if r[key] is not None]
             if values:  # base and teacher have no mixture diagnostics
