@@ -16,7 +16,6 @@ from toolkit.cascade.stopping import (
     policy_from_dict,
     policy_to_dict,
     prompt_key,
-    threshold_policy,
 )
 
 
@@ -138,8 +137,8 @@ def test_risk_prior_and_bad_input():
     P, Y, C = _instance(5, n=60)
     plain = fit_policy(P, Y, C, 1.0)
     shrunk = fit_policy(P, Y, C, 1.0, risk_prior=(2.0, 2.0))
-    assert any(plain.decisions[h].stop_value != shrunk.decisions[h].stop_value
-               for h in plain.decisions if h in shrunk.decisions)
+    assert any(plain.decisions[""][h].stop_value != shrunk.decisions[""][h].stop_value
+               for h in plain.decisions[""] if h in shrunk.decisions[""])
     with pytest.raises(ValueError, match="lambda must be a positive"):
         fit_policy(P, Y, C, 0.0)
     with pytest.raises(ValueError, match="NaN"):
@@ -148,7 +147,53 @@ def test_risk_prior_and_bad_input():
         fit_policy(P[:0], Y[:0], C[:0], 1.0)
 
 
-def test_seed_rule_never_escalates_and_threshold_policy():
+def test_seed_rule_never_escalates():
     assert optimal_stopping_rule([0.3, 0.5, 0.7, 0.9], [1, 1.6, 4.2, 8.8], 1.0) == 0
-    P = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.5], [0.1, 0.1, 0.5]])
-    assert threshold_policy(P, [0.5, 0.5]).tolist() == [0, 1, 2]
+    assert optimal_stopping_rule([0.1, 0.99], [1, 1], 100.0) == 0
+
+
+def _realised(pol, P, Y, C, lam, groups=None):
+    ev = evaluate(pol, P, Y, C, groups)
+    return float(np.mean(ev["cost"] + lam * (1 - ev["correct"])))
+
+
+def test_grouped_policy_minimal_case():
+    """Two groups whose best decisions differ after the same history: group a answers at the
+    cheap stage (always right there), group b skips it (always wrong there). One shared
+    decision table let b's programme overwrite a's (a then escalated on every prompt, 1.05)."""
+    P = np.full((4, 2), 0.5)
+    Y = np.array([[1, 1], [1, 1], [0, 1], [0, 1]], float)
+    C = np.tile([0.1, 1.0], (4, 1))
+    groups = np.array(["a", "a", "b", "b"])
+    pol = fit_policy(P, Y, C, lam=2.0, groups=groups)
+    assert pol.expected_value == pytest.approx(0.55)
+    assert _realised(pol, P, Y, C, 2.0, groups) == pytest.approx(0.55)
+    assert pol.first_stage("a") == 0 and pol.first_stage("b") == 1
+    back = policy_from_dict(policy_to_dict(pol))
+    assert _realised(back, P, Y, C, 2.0, groups) == pytest.approx(0.55)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_grouped_policy_replays_to_its_expected_value_and_brute_force(seed):
+    """For random grouped instances, the returned policy replayed on its own calibration data
+    is worth exactly ``expected_value``, which is the brute-force optimum of each group."""
+    rng = np.random.default_rng(100 + seed)
+    lam = float(rng.choice([0.3, 1.0, 3.0]))
+    P, Y, C = _instance(200 + seed, n=12)
+    groups = rng.choice(["x", "y", "z"], size=12)
+    pol = fit_policy(P, Y, C, lam, n_bins=2, groups=groups)
+    assert _realised(pol, P, Y, C, lam, groups) == pytest.approx(pol.expected_value, abs=1e-9)
+    # Independent check: the brute-force optimum of each group, on the policy's bins.
+    best = sum(_brute_force(P[groups == g], Y[groups == g], C[groups == g], lam, pol.bin_edges)
+               * np.sum(groups == g) for g in np.unique(groups)) / len(groups)
+    assert pol.expected_value == pytest.approx(best, abs=1e-9)
+
+
+def test_unknown_group_gets_the_pooled_policy():
+    """A prompt of no known group (e.g. a server request) is decided by the policy solved on
+    all calibration prompts pooled: the same decisions as a policy fitted without groups."""
+    P, Y, C = _instance(7, n=80)
+    groups = np.where(np.arange(80) % 2 == 0, "even", "odd")
+    grouped = fit_policy(P, Y, C, 1.0, groups=groups)
+    pooled = fit_policy(P, Y, C, 1.0)
+    assert np.array_equal(evaluate(grouped, P, Y, C)["stage"], evaluate(pooled, P, Y, C)["stage"])

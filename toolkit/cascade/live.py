@@ -98,7 +98,8 @@ class LiveCascade:
                 continue
             steps = self.run_stage(k, [GenerationRequest(prompts[i]) for i in waiting],
                                    [hist[i] for i in waiting],
-                                   policies=[policies[i] for i in waiting])
+                                   policies=[policies[i] for i in waiting],
+                                   groups=[groups[i] for i in waiting])
             for i, st in zip(waiting, steps):
                 hist[i] = st.history
                 traces[i].append(st.trace)
@@ -114,13 +115,15 @@ class LiveCascade:
     def run_stage(self, k: int, requests: Sequence[GenerationRequest],
                   histories: Sequence[History], decoding: DecodingConfig | None = None,
                   on_step: Callable[[list[int], list[int]], Iterable[int] | None] | None = None,
-                  policies: Sequence[StoppingPolicy] | None = None) -> list[StageStep]:
+                  policies: Sequence[StoppingPolicy] | None = None,
+                  groups: Sequence[str] | None = None) -> list[StageStep]:
         """Generate stage k's answers for a batch, score them and decide for each.
 
         The one decision step, shared by ``run`` and the HTTP server's per-stage micro-batches
         (which pass each request's own history and budget, and ``on_step`` to stream the top
         stage's tokens as they are decoded). ``policies`` are the requests' own deterministic
         policies (``policy.for_key``); by default every request uses ``self.policy``.
+        ``groups`` are the requests' prompt groups (tasks); by default unknown (``""``).
         """
         if policies is None:
             policies = [self.policy.for_key(prompt_key(r.prompt)) for r in requests]
@@ -131,10 +134,11 @@ class LiveCascade:
         feats = np.stack([record_features(self._record(k, o), self.predictor.schema)
                           for o in outs])
         probs = self.predictor.predict(feats, self.predictor.schema)[:, 0]
+        groups = list(groups) if groups is not None else [""] * len(requests)
         steps = []
-        for h, o, p, pol in zip(histories, outs, probs, policies):
+        for h, o, p, pol, g in zip(histories, outs, probs, policies, groups):
             history = (*h, (k, pol.bin_of(k, float(p))))
-            d = pol.decide(k, history)
+            d = pol.decide(k, history, g)
             why = (f"stop: λ(1-acc)={d.stop_value:.3f} <= best continuation "
                    f"{d.go_value:.3f}" if d.action == "stop" and k < len(self.backends) - 1
                    else "top stage" if d.action == "stop"

@@ -19,14 +19,15 @@ dynamic programming from the last stage back (backward induction):
                                            min_{j > k} E_h[c_j + value(after j)] )  go to j
 
 and a pre-generation *entry* decision per prompt group picks the first stage to run, so a
-stage that is rarely worth its cost (SmolLM2 on these tasks) is skipped. With L stages a
-decision is a table lookup along at most L states (O(L)). ``acc(h)`` can be shrunk toward a
+stage that is rarely worth its cost for a group is skipped; each group gets its own
+programme and its own decision table. With L stages a decision is a table lookup along at
+most L states (O(L)). ``acc(h)`` can be shrunk toward a
 prior mean with a Beta(α0, β0) prior (the seed's risk adjustment), which matters for histories
 with few calibration prompts.
 
 Budgets. Larger λ escalates more, so mean cost grows with λ, but in steps: a deterministic
 policy's cost jumps when a decision flips, and the largest λ under a budget can leave much of
-it unused (on these records the SmolLM2 → Qwen-0.5B policy costs 0.19 or 1.0, nothing
+it unused (a two-stage policy may cost either a small fraction or all of the budget, nothing
 between). The optimum of the budget-constrained problem randomises between the two policies
 that bracket the budget (``MixedPolicy``); each prompt's side is fixed by a hash of the prompt,
 so replays and live runs are reproducible and agree.
@@ -44,7 +45,13 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.common.errors import UserError
+
 History = tuple[tuple[int, int], ...]  # ((stage, bin of its p), ...)
+
+
+class PolicyFormatError(UserError, ValueError):
+    """A saved policy this version cannot read."""
 
 
 def optimal_stopping_rule(p: list[float], C: list[float], lam: float) -> int:
@@ -79,15 +86,20 @@ class Decision:
 
 @dataclass
 class StoppingPolicy:
-    """A fitted policy: entry stage per prompt group, and a decision per history.
+    """A fitted policy: per prompt group, an entry stage and a decision per history.
 
     Fit with ``fit_policy``. ``bin_edges[k]`` are the inner quantile edges of stage k's p.
+    ``decisions[group][history]`` is the decision after the history's last stage: each group
+    has its own table, because the same history can call for different actions in different
+    groups (their later stages' accuracies differ). The group ``""`` holds the policy for
+    prompts whose group is unknown (e.g. a request to the server): when the policy is fitted
+    with groups, that table is solved on all calibration prompts pooled.
     """
 
     lam: float
     bin_edges: list[np.ndarray]
     entry: dict[str, int]
-    decisions: dict[History, Decision]
+    decisions: dict[str, dict[History, Decision]]
     stage_fallback: dict[int, Decision]
     risk_prior: tuple[float, float] | None = None
     expected_value: float = float("nan")
@@ -107,11 +119,12 @@ class StoppingPolicy:
         """The deterministic policy for one prompt (itself; see ``MixedPolicy``)."""
         return self
 
-    def decide(self, stage: int, history: History) -> Decision:
+    def decide(self, stage: int, history: History, group: str = "") -> Decision:
         """What to do after ``stage`` ran; ``history`` already includes (stage, its bin)."""
         if stage == self.num_stages - 1:
             return Decision("stop", None, float("nan"), float("inf"), 0)
-        return self.decisions.get(history) or self.stage_fallback[stage]
+        table = self.decisions.get(group, self.decisions.get("", {}))
+        return table.get(history) or self.stage_fallback[stage]
 
     def run(self, p: np.ndarray, group: str = "") -> tuple[int, list[int]]:
         """Replay one prompt: p[k] = predicted acceptance of stage k's answer (computed lazily
@@ -120,7 +133,7 @@ class StoppingPolicy:
         while True:
             ran.append(k)
             hist = (*hist, (k, self.bin_of(k, float(p[k]))))
-            d = self.decide(k, hist)
+            d = self.decide(k, hist, group)
             if d.action == "stop":
                 return k, ran
             k = d.next_stage
@@ -204,44 +217,56 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
     edges = [np.unique(np.quantile(P[:, k], np.linspace(0, 1, n_bins + 1)[1:-1]))
              for k in range(L)]
     bins = np.stack([np.searchsorted(edges[k], P[:, k], side="right") for k in range(L)], 1)
-    decisions: dict[History, Decision] = {}
-    # Per stage: (sum of chosen values, count, votes for each action) for the fallback.
+    # Per stage: (action, target, stop value, go value, support) of every solved history, for
+    # the fallback of histories never seen in calibration.
     fallback_stats: dict[int, list[tuple[str, int | None, float, float, int]]] = {}
 
-    def after(k: int, hist: History, idx: np.ndarray) -> np.ndarray:
-        """Realised value of each prompt in idx after stage k ran, under the optimal policy."""
-        stop_real = lam * (1.0 - Y[idx, k])
-        if k == L - 1:
-            return stop_real
-        stop_val = lam * (1.0 - _adjusted_acc(Y[idx, k], risk_prior))
-        best = ("stop", None, stop_val, stop_real)
-        best_go = float("inf")
-        for j in range(k + 1, L):
-            real = C[idx, j] + run(j, hist, idx)
-            val = float(real.mean())
-            best_go = min(best_go, val)
-            if val < best[2]:
-                best = ("go", j, val, real)
-        decisions[hist] = Decision(best[0], best[1], stop_val, best_go, len(idx))
-        fallback_stats.setdefault(k, []).append((best[0], best[1], stop_val, best_go, len(idx)))
-        return best[3]
+    def solve(idx: np.ndarray, table: dict[History, Decision]) -> tuple[int, float]:
+        """Backward induction on the prompts ``idx`` (one group), filling ``table``; returns
+        the best entry stage and the summed realised value of the policy on ``idx``."""
 
-    def run(k: int, hist: History, idx: np.ndarray) -> np.ndarray:
-        out = np.empty(len(idx))
-        for b in np.unique(bins[idx, k]):
-            sel = bins[idx, k] == b
-            out[sel] = after(k, (*hist, (k, int(b))), idx[sel])
-        return out
+        def after(k: int, hist: History, sub: np.ndarray) -> np.ndarray:
+            """Realised value of each prompt in ``sub`` after stage k ran, acting optimally."""
+            stop_real = lam * (1.0 - Y[sub, k])
+            if k == L - 1:
+                return stop_real
+            stop_val = lam * (1.0 - _adjusted_acc(Y[sub, k], risk_prior))
+            best = ("stop", None, stop_val, stop_real)
+            best_go = float("inf")
+            for j in range(k + 1, L):
+                real = C[sub, j] + run(j, hist, sub)
+                val = float(real.mean())
+                best_go = min(best_go, val)
+                if val < best[2]:
+                    best = ("go", j, val, real)
+            table[hist] = Decision(best[0], best[1], stop_val, best_go, len(sub))
+            fallback_stats.setdefault(k, []).append(
+                (best[0], best[1], stop_val, best_go, len(sub)))
+            return best[3]
 
-    groups = np.asarray([""] * N if groups is None else groups)
-    entry: dict[str, int] = {}
-    total = 0.0
-    for g in np.unique(groups):
-        idx = np.flatnonzero(groups == g)
+        def run(k: int, hist: History, sub: np.ndarray) -> np.ndarray:
+            out = np.empty(len(sub))
+            for b in np.unique(bins[sub, k]):
+                sel = bins[sub, k] == b
+                out[sel] = after(k, (*hist, (k, int(b))), sub[sel])
+            return out
+
         starts = range(L) if allow_skip else range(1)
         values = {s: float((C[idx, s] + run(s, (), idx)).sum()) for s in starts}
-        entry[str(g)] = min(values, key=values.get)
-        total += values[entry[str(g)]]
+        first = min(values, key=values.get)
+        return first, values[first]
+
+    groups = np.asarray([""] * N if groups is None else groups).astype(str)
+    entry: dict[str, int] = {}
+    decisions: dict[str, dict[History, Decision]] = {}
+    total = 0.0
+    for g in np.unique(groups):
+        decisions[str(g)] = {}
+        entry[str(g)], value = solve(np.flatnonzero(groups == g), decisions[str(g)])
+        total += value
+    if "" not in entry:  # prompts of unknown group: the policy solved on every prompt pooled
+        decisions[""] = {}
+        entry[""], _ = solve(np.arange(N), decisions[""])
     # Fallback for histories never seen in calibration: the support-weighted average choice.
     stage_fallback = {}
     for k, rows in fallback_stats.items():
@@ -325,18 +350,6 @@ def calibrate_lambda(P: np.ndarray, Y: np.ndarray, C: np.ndarray, budget: float,
     return MixedPolicy(best[0], over[0], q), info
 
 
-def threshold_policy(P: np.ndarray, thresholds: list[float]) -> np.ndarray:
-    """FrugalGPT-style: answer at the first stage whose p ≥ its threshold (top stage last)."""
-    N, L = P.shape
-    stop = np.full(N, L - 1)
-    decided = np.zeros(N, bool)
-    for k in range(L - 1):
-        hit = ~decided & (P[:, k] >= thresholds[k])
-        stop[hit] = k
-        decided |= hit
-    return stop
-
-
 def policy_to_dict(p: AnyPolicy) -> dict[str, Any]:
     """JSON-ready form of a fitted policy (for bundles and the server)."""
     if isinstance(p, MixedPolicy):
@@ -348,8 +361,8 @@ def policy_to_dict(p: AnyPolicy) -> dict[str, Any]:
                 "go_value": d.go_value, "support": d.support}
 
     return {"lam": p.lam, "bin_edges": [e.tolist() for e in p.bin_edges], "entry": p.entry,
-            "decisions": [{"history": [list(h) for h in hist], **dec(d)}
-                          for hist, d in p.decisions.items()],
+            "decisions": [{"group": g, "history": [list(h) for h in hist], **dec(d)}
+                          for g, table in p.decisions.items() for hist, d in table.items()],
             "stage_fallback": {str(k): dec(d) for k, d in p.stage_fallback.items()},
             "risk_prior": list(p.risk_prior) if p.risk_prior else None,
             "expected_value": p.expected_value, "meta": p.meta}
@@ -363,9 +376,16 @@ def policy_from_dict(d: dict[str, Any]) -> AnyPolicy:
         return Decision(x["action"], x["next_stage"], x["stop_value"], x["go_value"],
                         x["support"])
 
+    tables: dict[str, dict[History, Decision]] = {}
+    for x in d["decisions"]:
+        if "group" not in x:
+            raise PolicyFormatError(
+                "this policy was saved before decisions were kept per prompt group (its "
+                "grouped decisions were wrong); rebuild the bundle with `serve --build_bundle "
+                "true`")
+        tables.setdefault(x["group"], {})[tuple(tuple(h) for h in x["history"])] = dec(x)
     return StoppingPolicy(
-        d["lam"], [np.asarray(e) for e in d["bin_edges"]], dict(d["entry"]),
-        {tuple(tuple(h) for h in x["history"]): dec(x) for x in d["decisions"]},
+        d["lam"], [np.asarray(e) for e in d["bin_edges"]], dict(d["entry"]), tables,
         {int(k): dec(v) for k, v in d["stage_fallback"].items()},
         tuple(d["risk_prior"]) if d["risk_prior"] else None, d["expected_value"],
         d.get("meta", {}))
