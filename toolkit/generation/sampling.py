@@ -7,6 +7,8 @@ request's tokens do not depend on which other requests share its batch).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 
@@ -67,11 +69,32 @@ def make_generator(seed: int, stream: int, device: torch.device | str = "cpu") -
     return g
 
 
+MIN_TEMPERATURE = sys.float_info.min
+"""Below this (the smallest normal float64, ~2.2e-308) sampling is greedy. That is exact, not an
+approximation: two different float32 logits differ by at least ~1.4e-45, so every other token's
+probability exp(-gap / T) underflows to 0 and softmax(logits / T) is a point mass on the argmax
+(exact ties aside); and dividing by a subnormal T could flush it to zero (0 / 0 = nan)."""
+
+
+def temperature_scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` up to a per-row constant, safe for any temperature > 0.
+
+    Each row's maximum is subtracted first, so every value is <= 0 and a tiny temperature
+    sends the others to -inf instead of overflowing to +inf (``logits / 1e-45`` in float32 is
+    ±inf, and softmax of inf - inf is nan: an empty answer). Softmax, top-p and the Gumbel-max
+    sample are unchanged by the shift. The division runs in float64 and the result is float32
+    (values beyond float32's range become -inf, whose probability is 0 anyway).
+    """
+    wide = logits.double()
+    return ((wide - wide.amax(-1, keepdim=True)) / temperature).float()
+
+
 def choose_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generators: list[torch.Generator] | None) -> torch.Tensor:
-    """Greedy argmax when temperature is 0, else a seeded sample from the filtered softmax."""
-    if temperature == 0.0:
+    """Greedy argmax when temperature is 0 (or below ``MIN_TEMPERATURE``), else a seeded sample
+    from the filtered, temperature-scaled softmax."""
+    if temperature < MIN_TEMPERATURE:
         return logits.argmax(-1)
-    filtered = filter_top_k_top_p(logits.float() / temperature, top_k, top_p)
+    filtered = filter_top_k_top_p(temperature_scaled(logits, temperature), top_k, top_p)
     assert generators is not None, "sampling needs one generator per row"
     return sample_rows(filtered, generators)
