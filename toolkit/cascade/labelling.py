@@ -229,12 +229,13 @@ class _TaskJob:
 
 
 def load_records(root: str | Path) -> list[dict[str, Any]]:
-    """Every record under a label directory (all tasks, all stages)."""
-    from toolkit.common.io import read_jsonl
+    """Every record under a label directory (all tasks, all stages); a file holding a prompt
+    twice (two writers at once, before outputs were locked) is refused, never counted twice."""
+    from toolkit.common.io import read_jsonl_unique
 
     rows: list[dict[str, Any]] = []
     for path in sorted(Path(root).glob("*/stage*.jsonl")):
-        rows.extend(read_jsonl(path))
+        rows.extend(read_jsonl_unique(path, "id"))
     return rows
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.common.io import JsonlAppender, atomic_write_text, read_jsonl
+from toolkit.common.io import JsonlAppender, atomic_write_text, lock_path, read_jsonl
 from toolkit.generation.base import DecodingConfig, GenerationRequest
 
 DIAG_KEYS = ("alpha", "ess_ratio", "kl_theta", "kl_t")
@@ -75,8 +75,11 @@ def _absorb_shards(out_path: Path, writer: JsonlAppender, diags: JsonlAppender |
              if not p.name.endswith(".diagnostics.jsonl")]
     rows: dict[int, dict[str, Any]] = {}
     drows: dict[int, dict[str, Any]] = {}
+    shards = []
     for path in paths:
-        shard = JsonlAppender(path, "sample_idx", config)  # refuses another configuration
+        # Refuses another configuration, and a shard whose process is still writing it.
+        shard = JsonlAppender(path, "sample_idx", config)
+        shards.append(shard)
         rows.update((r["sample_idx"], r) for r in shard.rows() if r["sample_idx"] not in done)
         if diagnostics_path(path).exists():
             drows.update((d["sample_idx"], d) for d in read_jsonl(diagnostics_path(path)))
@@ -85,9 +88,11 @@ def _absorb_shards(out_path: Path, writer: JsonlAppender, diags: JsonlAppender |
         diags.append([drows[i] for i in new if i in drows])
     writer.append([rows[i] for i in new])
     done.update(new)
-    for path in paths:
-        for leftover in (path, diagnostics_path(path), path.with_name(path.name + ".meta.json")):
+    for path, shard in zip(paths, shards):
+        for leftover in (path, diagnostics_path(path), path.with_name(path.name + ".meta.json"),
+                         lock_path(path), lock_path(diagnostics_path(path))):
             leftover.unlink(missing_ok=True)
+        shard.close()
 
 
 def _sample_diagnostics(idx: int, out: Any, sampled: bool) -> dict[str, Any]:
@@ -157,8 +162,9 @@ def generate(dataset: str, output: str, model: str | None = None,
     shard_k, shard_n = _parse_shard(shard) if shard else (0, 1)
     in_output: set[int] = set()
     if shard:  # the output's own rows are done already; the shard makes the rest of its part
-        if out_path.exists():
-            in_output = JsonlAppender(out_path, "sample_idx", config).done_keys()
+        if out_path.exists():  # read under its lock, then free it for the other shards
+            with JsonlAppender(out_path, "sample_idx", config, lock_timeout_s=30) as main:
+                in_output = main.done_keys()
         out_path = shard_path(out_path, shard_k, shard_n)
     writer = JsonlAppender(out_path, "sample_idx", config)
     done = writer.done_keys() | in_output
