@@ -3,6 +3,7 @@ EOS stop, accounting, per-row adaptation, the seed's API, and input errors."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -59,8 +60,14 @@ def model() -> LLaDAModelLM:
 
 @torch.no_grad()
 def naive_llada(model, prompt, steps, gen_length, block_length, remasking, temperature,
-                cfg_scale, gen):
-    """The published LLaDA sampler, step by step, written plainly for comparison."""
+                cfg_scale, gen, mask=MASK):
+    """The published LLaDA sampler, step by step, written plainly for comparison.
+
+    The argmax may be the mask token (the position then stays masked), confidence is the plain
+    softmax, every masked position before the block's end is a candidate, and every scheduled
+    step runs its forward.
+    """
+    MASK = mask  # noqa: N806 (the sampler's name for the mask id)
     n = len(prompt)
     x = torch.full((1, n + gen_length), MASK, dtype=torch.long)
     x[0, :n] = torch.tensor(prompt)
@@ -220,7 +227,7 @@ def test_eos_stops_a_row_and_fills_the_rest(policy):
 
 
 class PrefersMask(LLaDAModelLM):
-    """Puts the mask token on top everywhere: it must still never be 'committed'."""
+    """Puts the mask token on top everywhere."""
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
@@ -228,11 +235,20 @@ class PrefersMask(LLaDAModelLM):
         return out
 
 
-def test_mask_token_is_never_predicted():
-    out = decode(make_model(cls=PrefersMask), PROMPTS[:2], 16, FastDLLMPolicy(8, cache="dual"),
-                 stop_at_eos=False)
-    assert not bool((out.answers == MASK).any())
-    assert all(n <= 16 for n in out.nfe)
+def test_mask_token_guard_is_an_option_and_the_default_stalls():
+    model = make_model(cls=PrefersMask)
+    guarded = decode(model, PROMPTS[:2], 16,
+                     FastDLLMPolicy(8, cache="dual", exclude_mask_token=True), stop_at_eos=False)
+    assert not bool((guarded.answers == MASK).any()) and guarded.stalled == [False, False]
+    assert all(n <= 16 for n in guarded.nfe)
+    # Published behaviour: the mask token is the argmax everywhere, so nothing is ever
+    # unmasked; each block is given up after block_length forwards and the row is stalled.
+    out = decode(model, PROMPTS[:2], 16, FastDLLMPolicy(8, cache="dual"), stop_at_eos=False)
+    assert bool((out.answers == MASK).all()) and out.stalled == [True, True]
+    assert out.nfe == [16, 16] and out.masks_left == [16, 16]
+    assert all(n == 0 for row in out.tokens_per_step for n in row)
+    llada = decode(model, PROMPTS[:2], 16, LLaDAPolicy(8, 8), stop_at_eos=False)
+    assert llada.nfe == [8, 8] and llada.masks_left == [16, 16] and llada.stalled == [False] * 2
 
 
 def test_accounting(model):
@@ -343,9 +359,124 @@ def test_bad_inputs_raise_clear_errors(model):
     with pytest.raises(ValueError, match="unknown preset"):
         AdaptivePolicy.from_preset("poetry")
     # The same errors are UserErrors: cli.py prints them as one `error: ...` line.
-    from toolkit.cli import UserError
+    from toolkit.common.errors import UserError
     from toolkit.dllm.policies import DecodeInputError
 
     with pytest.raises(DecodeInputError) as info:
         decode(model, PROMPTS, 20, FastDLLMPolicy(32))
     assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+
+
+# -- the published samplers on the shipped reference fixture --------------------------------
+# The fixture's random weights put the mask token on top at many positions: the case where the
+# published samplers leave a position masked.
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "llada_tiny"
+FX_MASK = 319
+
+
+@pytest.fixture(scope="module")
+def fixture_model() -> LLaDAModelLM:
+    return LLaDAModelLM.from_pretrained(FIXTURE).eval()
+
+
+@torch.no_grad()
+def naive_fastdllm(model, prompt, gen_length, block_length, threshold, cache):
+    """Fast-dLLM's published threshold sampler (no cache, prefix or dual cache), step by step.
+
+    Each block: a full forward (keeping K/V for a cache), then while the block holds a mask,
+    a forward (full, or the block and everything after it on the prefix cache, or the block
+    alone spliced into the full cache), argmax (the mask token allowed), plain-softmax
+    confidence of the masked positions of the block, the most confident one and every other
+    with confidence ≥ threshold take their prediction. Where the published loop would never
+    end, the block is given up after block_length forwards (the declared cap).
+    """
+    n = len(prompt)
+    x = torch.full((1, n + gen_length), FX_MASK, dtype=torch.long)
+    x[0, :n] = torch.tensor(prompt)
+    nfe, stalled = 0, False
+    for b in range(gen_length // block_length):
+        lo, hi = n + b * block_length, n + (b + 1) * block_length
+        forwards, past = 0, None
+        while bool((x[0, lo:hi] == FX_MASK).any()) and forwards < block_length:
+            if cache == "none" or forwards == 0:
+                out = model(x, use_cache=cache != "none")
+                logits = out.logits[0, lo:hi]
+                past = out.past_key_values
+                if cache == "prefix":
+                    past = past.truncate(lo)
+            elif cache == "prefix":
+                logits = model(x[:, lo:], past_key_values=past).logits[0, :hi - lo]
+            else:
+                logits = model(x[:, lo:hi], past_key_values=past,
+                               replace_position=slice(lo, hi)).logits[0]
+            forwards += 1
+            nfe += 1
+            x0 = logits.argmax(-1)
+            p = F.softmax(logits.double(), dim=-1)
+            x0_p = p.gather(-1, x0[:, None])[:, 0]
+            masked = x[0, lo:hi] == FX_MASK
+            confidence = torch.where(masked, x0_p, torch.tensor(-float("inf")))
+            order = torch.argsort(confidence, descending=True)
+            transfer = torch.zeros(hi - lo, dtype=torch.bool)
+            transfer[order[0]] = True
+            for k in order[1:int(masked.sum())].tolist():
+                if confidence[k] >= threshold:
+                    transfer[k] = True
+            x[0, lo:hi] = torch.where(transfer, x0, x[0, lo:hi])
+        stalled |= bool((x[0, lo:hi] == FX_MASK).any())
+    return x, nfe, stalled
+
+
+# Prompts under which the fixture's first forward puts the mask token on top at 7, 2 and 3 of
+# the 16 answer positions.
+FX_PROMPTS = [[51, 180, 66, 259, 172, 303, 220, 245, 60], [301, 217, 177, 113, 8, 144, 273, 142],
+              [296, 48, 31, 199, 141, 39, 40]]
+
+
+def test_fixture_argmax_is_often_the_mask_token(fixture_model):
+    for prompt, count in zip(FX_PROMPTS, (7, 2, 3)):
+        x = torch.tensor([prompt + [FX_MASK] * 16])
+        with torch.no_grad():
+            pred = fixture_model(x).logits.argmax(-1)[0, len(prompt):]
+        assert int((pred == FX_MASK).sum()) == count  # the case the tests below must cover
+
+
+@pytest.mark.parametrize("steps,block_length", [(16, 8), (32, 8), (8, 16)])
+def test_llada_default_equals_published_loop_on_fixture(fixture_model, steps, block_length):
+    for prompt in FX_PROMPTS:
+        ref, forwards = naive_llada(fixture_model, prompt, steps, 16, block_length,
+                                    "low_confidence", 0.0, 0.0, None, mask=FX_MASK)
+        out = decode(fixture_model, [prompt], 16, LLaDAPolicy(steps, block_length),
+                     stop_at_eos=False)
+        assert torch.equal(out.sequences, ref)
+        assert out.nfe == [forwards] == [steps]
+        assert out.masks_left == [int((ref[0, len(prompt):] == FX_MASK).sum())]
+    # The options depart from it: no mask token, and no forward for an empty scheduled step.
+    guarded = decode(fixture_model, FX_PROMPTS, 16, LLaDAPolicy(32, 8, exclude_mask_token=True,
+                                                               skip_empty_steps=True),
+                     stop_at_eos=False)
+    assert guarded.masks_left == [0, 0, 0] and guarded.nfe == [16, 16, 16]
+
+
+def test_fixture_batch_with_left_padding_equals_single_runs(fixture_model):
+    for policy in (LLaDAPolicy(16, 8), FastDLLMPolicy(8, threshold=0.3, cache="dual")):
+        batch = decode(fixture_model, FX_PROMPTS, 16, policy, stop_at_eos=False)
+        for r, prompt in enumerate(FX_PROMPTS):
+            alone = decode(fixture_model, [prompt], 16, policy, stop_at_eos=False)
+            assert torch.equal(batch.answers[r], alone.answers[0])
+            assert batch.nfe[r] == alone.nfe[0] and batch.stalled[r] == alone.stalled[0]
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
+@pytest.mark.parametrize("threshold", [0.05, 0.3, 0.9])
+def test_fastdllm_default_equals_published_loop_on_fixture(fixture_model, cache, threshold):
+    stalls = 0
+    for prompt in FX_PROMPTS:
+        ref, nfe, stalled = naive_fastdllm(fixture_model, prompt, 16, 8, threshold, cache)
+        out = decode(fixture_model, [prompt], 16, FastDLLMPolicy(8, threshold, cache=cache),
+                     stop_at_eos=False)
+        assert torch.equal(out.sequences, ref)
+        assert out.nfe == [nfe] and out.stalled == [stalled]
+        stalls += stalled
+    if threshold == 0.9:
+        assert stalls > 0  # the capped case is exercised

@@ -7,12 +7,17 @@ keeps its own policy state, block, cache slots, random generator (``seed + row``
 rows whose plans coincide share one forward, and finished rows leave the batch.
 
 Each step: every active row asks its policy for a plan; the model runs once per distinct plan;
-for the rows' current-block candidates (masked positions) the loop draws the prediction
-(argmax, or Gumbel-max at ``temperature`` > 0 with float64 noise as in the LLaDA reference),
-its probability (confidence) and, if the policy wants it, the entropy; the policy picks what
-to commit. A row stops when its answer has no mask left, or (``stop_at_eos``) when it holds a
-committed EOS with every earlier answer position committed: the positions after that EOS are
-set to EOS without being decoded.
+for the rows' candidates (masked positions of the current block, or from the answer's start
+to the block's end for ``llada``) the loop draws the prediction (argmax, or Gumbel-max at
+``temperature`` > 0 with float64 noise as in the LLaDA reference), its probability
+(confidence) and, if the policy wants it, the entropy; the policy picks what to commit. As in
+the published samplers the prediction may be the mask token, unless the policy sets
+``exclude_mask_token``: committing it leaves the position masked and is not counted as a
+committed token. The policy says when a block is over (``block_done``); a row stops after its
+last block, or (``stop_at_eos``) when it holds a committed EOS with every earlier answer
+position committed: the positions after that EOS are set to EOS without being decoded. A row
+whose policy gave up a block (the stall cap) is reported in ``stalled``; masks left in an
+answer are counted in ``masks_left`` (before the first EOS) and stay in ``answers``.
 
 Accounting is per row: full and cached forwards (with classifier-free guidance each step costs
 two sequence forwards, both counted), tokens committed per step, positions recomputed versus
@@ -60,6 +65,8 @@ class DecodeResult:
     positions_cached: list[int]
     answer_tokens: list[int]
     stopped_at_eos: list[bool]
+    stalled: list[bool]
+    masks_left: list[int]
     commit_nfe: Tensor
     wall_time_s: float
 
@@ -102,6 +109,7 @@ class DecodeResult:
                    "mean_tokens_per_step", "tokens_per_second")
         out.update({name: getattr(self, name) for name in derived})
         out["total_adaptations"] = sum(self.adaptations)
+        out["total_stalled"] = sum(self.stalled)
         return out
 
 
@@ -231,18 +239,19 @@ class _Decoder:
             logits = self._cached_logits(rows, cols)
             self.batch_cached += 1
         states = [self.states[r] for r in row_ids]
-        starts = torch.tensor([self.p + s.block_start for s in states], device=self.device)
+        starts = torch.tensor([self.p + self.policy.candidate_start(s) for s in states],
+                              device=self.device)
         ends = torch.tensor([self.p + s.block_end for s in states], device=self.device)
         tokens = self.x[rows][:, cols]
         cand = ((tokens == self.mask_id) & (cols >= starts[:, None]) & (cols < ends[:, None]))
-        # Only the columns spanned by some candidate need probabilities.
+        # Only the columns spanned by some candidate need probabilities (a scheduled step with
+        # no candidate left still runs and is counted, as in the published loop: one dummy
+        # column then keeps the shapes).
         hit = cand.any(0).nonzero()[:, 0]
-        c0, c1 = int(hit.min()), int(hit.max()) + 1
+        c0, c1 = (int(hit.min()), int(hit.max()) + 1) if hit.numel() else (0, 1)
         cand, logits, span_cols = cand[:, c0:c1], logits[:, c0:c1], cols[c0:c1]
-        # Never predict the mask token: "committing" it would leave the position masked, and a
-        # threshold policy could then loop forever (the reference would silently stall).
-        if self.mask_id < logits.shape[-1]:
-            logits[..., self.mask_id] = -math.inf
+        if self.policy.exclude_mask_token and self.mask_id < logits.shape[-1]:
+            logits[..., self.mask_id] = -math.inf  # see policies.py: a departure, off by default
         logp = torch.log_softmax(logits.double(), dim=-1)
         n_real = self.am[rows][:, cols].sum(-1)
         noise_offset = cols.numel() - n_real
@@ -259,10 +268,13 @@ class _Decoder:
             conf = prob
         commit = self.policy.select(states, conf, cand) & cand
         self.x[rows[:, None], span_cols[None, :]] = torch.where(commit, pred, tokens[:, c0:c1])
+        # A committed mask-token prediction leaves the position masked: not a committed token.
+        commit = commit & (pred != self.mask_id)
         entropy = torch.full((len(row_ids),), math.nan, dtype=torch.float64)
         if self.policy.needs_entropy:
             ent = -(logp.exp() * logp).sum(-1)
-            entropy = (ent * cand).sum(-1) / cand.sum(-1).clamp(min=1)
+            mean = (ent * cand).sum(-1) / cand.sum(-1).clamp(min=1)
+            entropy = torch.where(cand.any(-1), mean, entropy.to(mean.device))
         n_commit = commit.sum(-1).tolist()
         conf_sum = (prob * commit).sum(-1).tolist()
         n_real = n_real.tolist()
@@ -308,15 +320,14 @@ class _Decoder:
         cols = torch.arange(self.gen)
         in_block = (cols >= starts[:, None]) & (cols < ends[:, None])
         left = (masked.cpu() & in_block).sum(-1).tolist()
-        any_mask = masked.any(-1).tolist()
         for r in ids:
             st = self.states[r]
-            if left[r] == 0:
+            if self.policy.block_done(st, left[r]):
                 self.policy.end_block(st)
                 if st.block_end < self.gen:
                     self.policy.begin_block(st)
-            if not any_mask[r]:
-                self.active[r] = False
+                else:
+                    self.active[r] = False
         if not self.stop_at_eos:
             return
         big = torch.full_like(ans, self.gen)
@@ -335,12 +346,13 @@ class _Decoder:
 
     def run(self) -> None:
         iterations = 0
+        budget = self.policy.step_budget(self.gen)
         while any(self.active):
-            # Every step commits ≥ 1 token per active row, so more steps than answer positions
-            # means a policy that stopped making progress.
+            # Policies end their blocks within their own caps (schedule, stall cap), so more
+            # steps than the policy's budget is a bug in a policy, not a user error.
             iterations += 1
-            if iterations > self.gen:
-                raise RuntimeError(f"{self.policy.name}: no progress after {self.gen} steps")
+            if iterations > budget:
+                raise RuntimeError(f"{self.policy.name}: still running after {budget} steps")
             groups: dict[Plan, list[int]] = {}
             for r in range(self.b):
                 if self.active[r]:
@@ -421,10 +433,11 @@ def decode(model: Any, prompts: list[list[int]] | Tensor, gen_length: int,
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - start
     answers = dec.x[:, dec.p:].clone()
-    answer_tokens = []
+    answer_tokens, masks_left = [], []
     for r in range(dec.b):
         eos_at = (answers[r] == eos_id).nonzero() if eos_id is not None else answers[r][:0]
         answer_tokens.append(int(eos_at[0, 0]) + 1 if len(eos_at) else gen_length)
+        masks_left.append(int((answers[r, :answer_tokens[-1]] == mask_id).sum()))
     return DecodeResult(
         sequences=dec.x, answers=answers, prompt_lengths=dec.lengths, gen_length=gen_length,
         policy=policy.config(), nfe_full=dec.nfe_full, nfe_cached=dec.nfe_cached,
@@ -434,5 +447,7 @@ def decode(model: Any, prompts: list[list[int]] | Tensor, gen_length: int,
         thresholds=[st.thresholds for st in dec.states],
         adaptations=[st.adaptations for st in dec.states],
         positions_computed=dec.computed, positions_cached=dec.cached,
-        answer_tokens=answer_tokens, stopped_at_eos=dec.stopped, commit_nfe=dec.commit_nfe,
+        answer_tokens=answer_tokens, stopped_at_eos=dec.stopped,
+        stalled=[st.stalled for st in dec.states], masks_left=masks_left,
+        commit_nfe=dec.commit_nfe,
         wall_time_s=wall)

@@ -70,7 +70,10 @@ def decode_problems(model: Any, tok: CharTokenizer, problems: list[Problem], pol
             rows.append({
                 "id": p.id, "family": p.family, "kind": get_family(p.family).kind,
                 "prompt": p.prompt, "reference": p.answer, "completion": text,
-                "correct": float(score(p, text)), "gen_length": gen_length,
+                # A mask left before the EOS is part of the answer (the tokenizer drops it).
+                "correct": 0.0 if res.masks_left[r] else float(score(p, text)),
+                "gen_length": gen_length, "masks_left": res.masks_left[r],
+                "stalled": float(res.stalled[r]),
                 "nfe": res.nfe[r], "nfe_full": res.nfe_full[r], "nfe_cached": res.nfe_cached[r],
                 "answer_tokens": n_ans, "reference_tokens": len(p.answer) + 1,
                 "block_for_bound": block, "lower_bound": math.ceil(n_ans / block),
@@ -113,7 +116,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "speed_only": not scored,
     }
     for key in ("nfe", "nfe_full", "nfe_cached", "lower_bound", "mean_block_size",
-                "tokens_per_step", "answer_tokens", "adaptations", "wall_s"):
+                "tokens_per_step", "answer_tokens", "adaptations", "wall_s", "stalled"):
         out[key] = metric([r[key] for r in rows])
     out["nfe_over_lower_bound"] = metric([r["nfe"] / max(r["lower_bound"], 1) for r in rows])
     return out

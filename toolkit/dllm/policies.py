@@ -5,8 +5,26 @@ A policy keeps one :class:`RowState` per batch row and answers the loop
 ``end_block``, which may adapt), which forward a row needs (``plan``: full, optionally keeping
 K/V, or cached, recomputing only some answer spans), which masked positions of the block to
 commit (``select``, batched over rows with tensor ops), and the step's statistics
-(``observe``: tokens committed, their confidence, the candidates' mean entropy). Spans are
-relative to the answer's start.
+(``observe``: tokens committed, their confidence, the candidates' mean entropy), and when the
+block is over (``block_done``). Spans are relative to the answer's start.
+
+Two options depart from the published samplers and are therefore off in ``llada`` and
+``fastdllm``, whose defaults follow the published ``generate`` (ML-GSAI/LLaDA, NVlabs/Fast-dLLM):
+
+* ``exclude_mask_token``: set the mask token's logit to −∞ before the argmax and the softmax.
+  The published loops allow the mask token as the prediction: "committing" it leaves the
+  position masked, and the confidence is the plain softmax probability. Excluding it
+  guarantees that every commit unmasks a position, so a threshold policy always progresses
+  (the published ``while`` loop of Fast-dLLM never ends when, greedily, the only committed
+  prediction is the mask token).
+* ``skip_empty_steps`` (``llada``): end a block as soon as it has no mask left, skipping the
+  scheduled steps that would commit nothing; the published loop runs (and counts) them.
+
+Where the published loops are undefined the policies do this: ``llada`` ends a block after its
+scheduled steps, and masks left in it stay in the answer; a threshold policy (``fastdllm``,
+``adaptive``, the peers) stops a block after as many forwards as the block has positions and
+marks the row ``stalled`` (greedy decoding that has not finished a block by then repeats the
+same forward forever in the published loop).
 """
 
 from __future__ import annotations
@@ -20,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from toolkit.cli import UserError
+from toolkit.common.errors import UserError
 
 Span = tuple[int, int]
 
@@ -67,6 +85,7 @@ class RowState:
     block_sizes: list[int] = field(default_factory=list)
     thresholds: list[float] = field(default_factory=list)
     adaptations: int = 0
+    stalled: bool = False
 
 
 def _ranks(conf: Tensor, cand: Tensor) -> Tensor:
@@ -123,6 +142,8 @@ class Policy(ABC):
 
     name: ClassVar[str] = ""
     needs_entropy: ClassVar[bool] = False
+    #: See the module docstring; every concrete policy declares it as a field.
+    exclude_mask_token: bool = False
 
     @property
     def random_confidence(self) -> bool:
@@ -167,8 +188,33 @@ class Policy(ABC):
         st.block_committed += committed
         st.block_conf_sum += conf_sum
 
+    def candidate_start(self, st: RowState) -> int:
+        """Where (answer-relative) the masked positions this step may commit begin."""
+        return st.block_start
+
+    def block_done(self, st: RowState, masks_left: int) -> bool:
+        """Whether the current block is over, after a step that left ``masks_left`` masks in it.
+
+        Default (threshold policies): when no mask is left, or after as many forwards as the
+        block has positions, which stalls the row (see the module docstring).
+        """
+        if masks_left == 0:
+            return True
+        if st.step_in_block >= self.max_block_forwards(st):
+            st.stalled = True
+            return True
+        return False
+
+    def max_block_forwards(self, st: RowState) -> int:
+        """The stall cap: forwards a block may take before it is given up."""
+        return st.block_end - st.block_start
+
+    def step_budget(self, gen_length: int) -> int:
+        """An upper bound on the steps of one row (the loop treats more as a bug)."""
+        return gen_length
+
     def end_block(self, st: RowState) -> None:  # noqa: B027 (optional hook, default no-op)
-        """Called when the current block has no mask left."""
+        """Called when the current block is over."""
 
     def config(self) -> dict[str, Any]:
         """Settings for results files."""
@@ -177,20 +223,26 @@ class Policy(ABC):
 
 @dataclass
 class LLaDAPolicy(Policy):
-    """The reference LLaDA sampler: fixed blocks, fixed steps per block, linear schedule.
+    """The published LLaDA sampler: fixed blocks, fixed steps per block, linear schedule.
 
     Every step is one full forward (no cache). Within a block of ``block_length`` positions
     and ``steps / num_blocks`` steps, step i commits ``base + (i < rem)`` tokens where ``base``
     and ``rem`` are the quotient and remainder of the block's masked count by the steps; the
     committed tokens are the most confident masked ones (``low_confidence``) or uniformly
-    random ones (``random``). Steps whose scheduled count is 0 are skipped rather than run as
-    no-op forwards.
+    random ones (``random``). As in the published ``generate``, the candidates are every
+    masked answer position up to the block's end (a mask left in an earlier block competes
+    again), a prediction may be the mask token (the position stays masked), and every
+    scheduled step runs its forward, also when it commits nothing (``steps`` > block length);
+    the block ends after its scheduled steps. ``skip_empty_steps`` and ``exclude_mask_token``
+    are the departures described in the module docstring.
     """
 
     name: ClassVar[str] = "llada"
     steps: int | None = None
     block_length: int = 32
     remasking: str = "low_confidence"
+    exclude_mask_token: bool = False
+    skip_empty_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
@@ -225,12 +277,21 @@ class LLaDAPolicy(Policy):
         base, rem = divmod(st.block_end - st.block_start, steps)
         st.schedule = [base + (i < rem) for i in range(steps)]
 
+    def candidate_start(self, st: RowState) -> int:
+        return 0
+
+    def block_done(self, st: RowState, masks_left: int) -> bool:
+        return (st.step_in_block >= len(st.schedule)
+                or (self.skip_empty_steps and masks_left == 0))
+
+    def step_budget(self, gen_length: int) -> int:
+        return self.steps or gen_length
+
     def plan(self, st: RowState) -> Plan:
         return Plan(full=True)
 
     def select(self, states: list[RowState], conf: Tensor, cand: Tensor) -> Tensor:
-        k = [s.schedule[s.step_in_block] if s.step_in_block < len(s.schedule) else cand.shape[1]
-             for s in states]
+        k = [s.schedule[s.step_in_block] for s in states]
         return select_top_k(conf, cand, torch.tensor(k, device=conf.device))
 
 
@@ -260,7 +321,10 @@ class FastDLLMPolicy(_CachedBlockPolicy):
     steps of the block recompute only the block and everything after it (``prefix``) or only
     the block (``dual``), reading the rest from the cache. ``threshold`` commits every masked
     position of the block with confidence ≥ τ (at least the most confident one); ``factor``
-    (when given) uses :func:`select_factor` instead.
+    (when given) uses :func:`select_factor` instead. As in the published ``generate``, the
+    prediction may be the mask token and confidence is the plain softmax probability; a block
+    that has not finished after ``block_length`` forwards is given up and the row marked
+    ``stalled`` (the published loop would not end).
     """
 
     name: ClassVar[str] = "fastdllm"
@@ -268,6 +332,7 @@ class FastDLLMPolicy(_CachedBlockPolicy):
     threshold: float = 0.9
     factor: float | None = None
     cache: str = "prefix"
+    exclude_mask_token: bool = False
 
     def __post_init__(self) -> None:
         _check_cache(self.cache)
@@ -319,6 +384,9 @@ class AdaptivePolicy(_CachedBlockPolicy):
 
     ``memory_efficiency_mode`` is accepted for the seed's API and recorded; it changes
     nothing here, as all K/V live in one preallocated buffer either way.
+    ``exclude_mask_token`` is on by default (the seed's scheduler never predicts the mask
+    token, so every step unmasks at least one position); it has no fixed step schedule, so
+    there are no empty steps to skip.
     """
 
     name: ClassVar[str] = "adaptive"
@@ -342,6 +410,7 @@ class AdaptivePolicy(_CachedBlockPolicy):
     tier2_update_interval: int = 3
     memory_efficiency_mode: bool = False
     cache: str = "prefix"
+    exclude_mask_token: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_block_size <= self.base_block_size <= self.max_block_size:
