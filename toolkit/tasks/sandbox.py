@@ -223,7 +223,7 @@ def _cgroup_parent() -> str | None:
         elif controllers == "":  # cgroup v2 (pure, or hybrid under unified/)
             candidates += [f"/sys/fs/cgroup{path}", f"/sys/fs/cgroup/unified{path}"]
     for parent in candidates:
-        probe = os.path.join(parent, f"toolkit-sandbox-probe-{os.getpid()}")
+        probe = os.path.join(parent, f"toolkit-sandbox-probe-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             os.mkdir(probe)
         except OSError:
