@@ -148,6 +148,20 @@ def test_exiting_before_the_checks_never_passes(humaneval, early_exit):
     assert not res.passed
 
 
+def test_supervisor_is_out_of_reach():
+    # The program's parent inside the sandbox holds the token pipe and the result pipe: neither
+    # its descriptors nor its memory may be opened (it is non-dumpable; the program has no caps).
+    # (Where the host user is root, the names in /proc/<ppid>/fd can be listed, not opened.)
+    program = ("import os\nppid = os.getppid()\nassert ppid != 1\nopened = []\n"
+               "paths = [f'/proc/{ppid}/{name}' for name in ('mem', 'environ')]\n"
+               "for path in paths + [f'/proc/{ppid}/fd/{n}' for n in range(64)]:\n    try:\n"
+               "        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))\n"
+               "        opened.append(path)\n    except OSError:\n        pass\n"
+               "print('opened', opened)\n")
+    res = run_python(program, timeout_s=5.0)
+    assert res.passed and res.stdout == "opened []\n", res
+
+
 def test_right_answers_pass_and_wrong_ones_fail(humaneval):
     exs = humaneval.examples()
     p = humaneval.problems
