@@ -139,3 +139,30 @@ def test_bad_configs_and_replace_positions_raise():
         cache = model(x, use_cache=True).past_key_values
         with pytest.raises(ValueError, match="replace_position"):
             model(x[:, :3], past_key_values=cache, replace_position=slice(0, 4))
+
+
+def test_pair_mask_equals_forwards_without_the_hidden_positions():
+    """A (B, T, T) mask: a query that may not see some keys computes what it would in a
+    sequence without them (here: WINO's shadow copy, a mask token at position i that sees
+    everything but the original position i). With one layer the keys are the tokens' own, so
+    the copy computes what a sequence without position i, plus the copy, computes."""
+    cfg = LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=1, mlp_hidden_size=48,
+                      vocab_size=40, max_sequence_length=64, mask_token_id=39, eos_token_id=38)
+    model = LLaDAModelLM.from_config(cfg, seed=0, dtype=torch.float64).eval()
+    x = torch.randint(0, 38, (1, 9))
+    i = 6
+    ext = torch.cat((x, torch.tensor([[39]])), 1)  # 39: the mask token
+    pos = torch.cat((torch.arange(9), torch.tensor([i])))[None]
+    pair = torch.ones(1, 10, 10, dtype=torch.bool)
+    pair[:, :9, 9] = False  # the original sequence never sees the copy
+    pair[:, 9, i] = False  # the copy does not see its original
+    with torch.no_grad():
+        out = model(ext, attention_mask=pair, position_ids=pos).logits
+        plain = model(x).logits
+        keep = [j for j in range(9) if j != i]
+        alone = model(torch.cat((x[:, keep], torch.tensor([[39]])), 1),
+                      position_ids=torch.tensor([keep + [i]])).logits
+    torch.testing.assert_close(out[:, :9], plain, atol=1e-10, rtol=0)
+    torch.testing.assert_close(out[:, 9], alone[:, -1], atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="position_ids"):
+        model(ext, attention_mask=pair)

@@ -349,7 +349,9 @@ class LLaDAModelLM(nn.Module):
         Args:
             input_ids: ``(B, T)`` token ids (the new tokens only when a cache is given).
             attention_mask: ``(B, T)`` 1 for real tokens, 0 for padding, for ``input_ids``;
-                cached slots carry their own flags.
+                cached slots carry their own flags. Or a ``(B, T, T)`` boolean query × key
+                mask (True: may attend), without a cache and with ``position_ids``: for
+                sequences that hold extra copies of positions (WINO's shadow block).
             position_ids: ``(B, T)`` rotary positions. Default: ``cumsum(mask) - 1`` without
                 a cache, the slot after the cache's last position in append mode, and the
                 replaced slots' own positions in splice mode.
@@ -365,6 +367,11 @@ class LLaDAModelLM(nn.Module):
         """
         b, t = input_ids.shape
         dev = input_ids.device
+        pair_mask = None
+        if attention_mask is not None and attention_mask.dim() == 3:
+            if past_key_values is not None or use_cache or position_ids is None:
+                raise ValueError("a (B, T, T) attention mask needs position_ids and no cache")
+            pair_mask, attention_mask = attention_mask.to(torch.bool)[:, None], None
         am = (torch.ones(b, t, dtype=torch.bool, device=dev) if attention_mask is None
               else attention_mask.to(torch.bool))
         replace_index = None
@@ -397,6 +404,8 @@ class LLaDAModelLM(nn.Module):
             x = x * self.config.d_model ** 0.5
         # Padding keys are excluded; queries are never masked by position (no causal mask).
         attn_mask = None if bool(key_mask.all()) else key_mask[:, None, None, :]
+        if pair_mask is not None:
+            attn_mask = pair_mask
         all_keys, all_values = [], []
         for layer, block in enumerate(tr.blocks):
             x, k, v = block(x, position_ids, attn_mask, layer, past_key_values, replace_index)
