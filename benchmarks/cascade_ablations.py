@@ -22,19 +22,20 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from toolkit.cascade import replay
+from toolkit.cascade.prompt_table import PromptTable, load_prompt_table
 from toolkit.common.io import atomic_write_text
 
 SCHEMAS = ("topk", "full", "no_entropy", "no_logprobs", "minimal", "seed")
 PRIORS = {"off": None, "Beta(1,1)": (1.0, 1.0), "Beta(2,2)": (2.0, 2.0)}
 
 
-def row(t: replay.PromptTable, cv: replay.CvScores, budgets: list[float],
+def row(t: PromptTable, cv: replay.CvScores, budgets: list[float],
         prior: tuple[float, float] | None) -> dict:
     n = np.arange(len(t.ids))
-    out = {"auroc": float(roc_auc_score(t.Y.ravel(), cv.P_test.ravel()))}
+    out = {"auroc": float(roc_auc_score(t.correct.ravel(), cv.P_test.ravel()))}
     for b in budgets:
         d = replay.at_budget(t, cv, b, risk_prior=prior)
-        out[str(b)] = {"accuracy": float(t.Y[n, d["cascade_stage"]].mean()),
+        out[str(b)] = {"accuracy": float(t.correct[n, d["cascade_stage"]].mean()),
                        "cost": float(d["cascade_cost"].mean())}
     return out
 
@@ -49,7 +50,7 @@ def main() -> None:
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
     for schema in SCHEMAS:
-        t = replay.load_prompt_table(args.data_dir, schema)
+        t = load_prompt_table(args.data_dir, schema)
         cv = replay.cv_scores(t, 5, args.seed)
         results[f"features={schema}"] = row(t, cv, args.budgets, None)
         if schema == "topk":

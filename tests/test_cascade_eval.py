@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import REPO
 from toolkit.cascade import replay
+from toolkit.cascade.features import build_schema
+from toolkit.cascade.prompt_table import PromptTable, load_prompt_table
 
 
 def _run(method: str) -> dict:
@@ -26,7 +28,7 @@ def _run(method: str) -> dict:
 
 @pytest.fixture(scope="module")
 def table():
-    return replay.load_prompt_table(REPO / "data" / "cascade")
+    return load_prompt_table(REPO / "data" / "cascade")
 
 
 def test_baselines_through_cli_write_results(table):
@@ -45,23 +47,30 @@ def test_baselines_through_cli_write_results(table):
 
 def test_fixed_methods_and_random_cost(table):
     n = np.arange(len(table.ids))
-    s_or, c_or = replay.fixed_method("oracle", table)
-    s_rt, c_rt = replay.fixed_method("oracle-route", table)
+    C = table.cost
+    s_or, ran_or = replay.fixed_method("oracle", table)
+    s_rt, ran_rt = replay.fixed_method("oracle-route", table)
+    c_or, c_rt = replay.charge(ran_or, C), replay.charge(ran_rt, C)
     assert (s_or == s_rt).all() and (c_rt <= c_or + 1e-12).all()
-    s2, c2 = replay.fixed_method("fixed-2stage", table)
-    assert np.allclose(c2, table.C[:, 0] + table.C[:, -1])
-    assert (table.Y[n, s_or] >= table.Y[n, -1]).all()  # the oracle is never worse than top
-    runs = [replay.random_escalation(table, 0.5, s)[1].mean() for s in range(20)]
+    s2, ran2 = replay.fixed_method("fixed-2stage", table)
+    assert np.allclose(replay.charge(ran2, C), C[:, 0] + C[:, -1])
+    assert (table.correct[n, s_or] >= table.correct[n, -1]).all()  # never worse than top
+    # Latency is the same decisions charged in recorded seconds, not another cost field.
+    assert np.allclose(replay.charge(ran2, table.wall_s), table.wall_s[:, 0] + table.wall_s[:, -1])
+    runs = [replay.paid(C, replay.random_escalation(table, 0.5, s)).mean() for s in range(20)]
     assert abs(np.mean(runs) - 0.5) < 0.1
 
 
-def _random_table(seed: int, n: int = 40, L: int = 3) -> replay.PromptTable:
+def _random_table(seed: int, n: int = 40, L: int = 3) -> PromptTable:
     rng = np.random.default_rng(seed)
     Y = (rng.random((n, L)) < np.linspace(0.2, 0.7, L)).astype(float)
     C = rng.uniform(0.05, 1.0, (n, L)) * np.linspace(0.1, 1.0, L)
-    schema = replay.build_schema("minimal", L)
-    return replay.PromptTable(np.array([f"p{i}" for i in range(n)]), np.array(["t"] * n), Y, Y,
-                              C, C, rng.random((n, L, schema.dim)), schema, C * 10)
+    C = C / C[:, -1].mean()  # in mean-top-call units, as ``PromptTable.cost`` is
+    schema = build_schema("minimal", L)
+    ids = np.array([f"p{i}" for i in range(n)])
+    return PromptTable(ids, np.array(["t"] * n), np.array(["train"] * n), ids, correct=Y,
+                       agree=Y, flops=C * 1e9, wall_s=C * 10, schema=schema,
+                       features=rng.random((n, L, schema.dim)))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -69,13 +78,13 @@ def test_oracle_cost_at_matches_brute_force(seed):
     import itertools
 
     t = _random_table(seed, n=7)
-    N, L = t.Y.shape
+    N, L = t.correct.shape
     for acc in (0.0, 2 / 7, 4 / 7, 1.0):
         best = np.inf
         for route in itertools.product(range(L), repeat=N):  # every routing of every prompt
             idx = np.arange(N)
-            if t.Y[idx, route].mean() >= acc - 1e-12:
-                best = min(best, t.C[idx, route].mean())
+            if t.correct[idx, route].mean() >= acc - 1e-12:
+                best = min(best, t.cost[idx, route].mean())
         got = replay.oracle_cost_at(t, acc)
         assert (np.isnan(got) and best == np.inf) or got == pytest.approx(best)
 
@@ -83,18 +92,19 @@ def test_oracle_cost_at_matches_brute_force(seed):
 @pytest.mark.parametrize("seed", range(3))
 def test_vectorised_threshold_tuning_matches_a_loop(seed):
     t = _random_table(seed)
-    P = np.random.default_rng(seed + 9).random(t.Y.shape)
+    Y, C = t.correct, t.cost
+    P = np.random.default_rng(seed + 9).random(Y.shape)
     n = np.arange(len(P))
     for lam in (0.3, 1.0, 5.0):
-        loop = min((float((replay.paid(t.C, s) + lam * (1 - t.Y[n, s])).mean()), tv)
+        loop = min((float((replay.paid(C, s) + lam * (1 - Y[n, s])).mean()), tv)
                    for tv in np.unique(np.r_[P[:, :-1].ravel(), 1.01])
                    for s in [replay.threshold_decisions(P, tv)])
-        s = replay.threshold_decisions(P, replay.tune_threshold(P, t.Y, t.C, lam))
-        assert float((replay.paid(t.C, s) + lam * (1 - t.Y[n, s])).mean()) == pytest.approx(
+        s = replay.threshold_decisions(P, replay.tune_threshold(P, Y, C, lam))
+        assert float((replay.paid(C, s) + lam * (1 - Y[n, s])).mean()) == pytest.approx(
             loop[0])
     for budget in (0.2, 0.5):
-        s = replay.threshold_decisions(P, replay.threshold_for_budget(P, t.Y, t.C, budget))
-        assert replay.paid(t.C, s).mean() <= budget + 1e-12 or budget < t.C[:, 0].mean()
+        s = replay.threshold_decisions(P, replay.threshold_for_budget(P, Y, C, budget))
+        assert replay.paid(C, s).mean() <= budget + 1e-12 or budget < C[:, 0].mean()
 
 
 def test_budgets_hold_out_of_fold_roughly_and_cascade_is_compared_at_equal_cost(table):

@@ -10,8 +10,6 @@ come from ``replay.py`` (the same code the live runner uses to decide).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +19,9 @@ from torch.utils.data import DataLoader
 
 from toolkit.cascade import replay
 from toolkit.cascade.features import CascadeInputError
-from toolkit.evaluation.results import collect_rows, metric, paired_difference, write_results
+from toolkit.cascade.prompt_table import PromptTable, count_prompts, load_prompt_table
+from toolkit.evaluation.harness import EvaluationModule, pyplot
+from toolkit.evaluation.results import RunReport, metric, paired_difference
 
 FIXED = ("always-top", "always-first", "fixed-2stage", "oracle", "oracle-route")
 METHODS = (*FIXED, "random", "threshold", "cascade")
@@ -36,12 +36,11 @@ class PromptIndexDataModule(LightningDataModule):
         self.save_hyperparameters()
 
     def test_dataloader(self) -> DataLoader:
-        n = len(replay.load_prompt_table(self.hparams.data_dir,
-                                         num_stages=self.hparams.num_stages).ids)
+        n = count_prompts(self.hparams.data_dir, self.hparams.num_stages)
         return DataLoader(list(range(n)), batch_size=self.hparams.batch_size)
 
 
-class CascadeReplayEval(LightningModule):
+class CascadeReplayEval(EvaluationModule):
     """Replay one cascade method on the labelled records (see ``replay.py``).
 
     Args:
@@ -75,7 +74,6 @@ class CascadeReplayEval(LightningModule):
         self.save_hyperparameters()
         self.sweep = sweep or [0.1, 0.2, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10, 15, 20, 50]
         self.budgets = budgets or []
-        self.rows: list[dict[str, Any]] = []
 
     def setup(self, stage: str) -> None:
         # Checked here, not in __init__: jsonargparse would bury the message in its own.
@@ -91,33 +89,34 @@ class CascadeReplayEval(LightningModule):
     def on_test_start(self) -> None:
         hp = self.hparams
         t0 = time.perf_counter()
-        self.table = t = replay.load_prompt_table(hp.data_dir, hp.schema, hp.num_stages)
+        self.table = t = load_prompt_table(hp.data_dir, hp.schema, hp.num_stages)
         self.cv, self.curve, self.extra = None, None, {}
         prior = tuple(hp.risk_prior) if hp.risk_prior else None
         # method -> (answering stage, cost paid, recorded latency) per prompt
         self.decisions: dict[str, tuple[np.ndarray, ...]] = {}
         for m in FIXED:
-            stage, cost = replay.fixed_method(m, t)
-            self.decisions[m] = (stage, cost, replay.fixed_method(m, replace(t, C=t.wall))[1])
+            stage, ran = replay.fixed_method(m, t)
+            self.decisions[m] = (stage, replay.charge(ran, t.cost), replay.charge(ran, t.wall_s))
         if hp.method in ("cascade", "threshold", "random"):
             self.cv = replay.cv_scores(t, hp.folds, hp.seed)
             cv = replay.cross_validated(t, self.cv, hp.lam, hp.n_bins, prior)
             self.decisions["cascade"] = (cv["cascade_stage"], cv["cascade_cost"],
                                          cv["cascade_latency"])
             self.decisions["threshold"] = (cv["threshold_stage"], cv["threshold_cost"],
-                                           replay.paid(t.wall, cv["threshold_stage"]))
+                                           replay.paid(t.wall_s, cv["threshold_stage"]))
             self.curve = [self._point(lam, prior) for lam in self.sweep]
             self.extra["budgets"] = [self._budget(b, prior) for b in self.budgets]
             self.extra["predictor_auroc"] = replay.auroc_against_logistic(t, self.cv, hp.seed)
         target = float(self.decisions.get("cascade", self.decisions["fixed-2stage"])[1].mean())
         self.random_runs = [replay.random_escalation(t, target, hp.seed + s)
                             for s in range(hp.random_seeds)]
-        stage, cost = self.random_runs[0]
-        self.decisions["random"] = (stage, cost, replay.paid(t.wall, stage))
+        stage = self.random_runs[0]
+        self.decisions["random"] = (stage, replay.paid(t.cost, stage),
+                                    replay.paid(t.wall_s, stage))
         self.fit_s = time.perf_counter() - t0
 
     def _accuracy(self, stage: np.ndarray) -> np.ndarray:
-        return self.table.Y[np.arange(len(stage)), stage]
+        return self.table.correct[np.arange(len(stage)), stage]
 
     def _point(self, lam: float, prior: Any) -> dict[str, float]:
         cv = replay.cross_validated(self.table, self.cv, lam, self.hparams.n_bins, prior)
@@ -148,33 +147,25 @@ class CascadeReplayEval(LightningModule):
             s = int(stage[i])
             self.rows.append({"id": str(t.ids[i]), "task": str(t.tasks[i]), "stage": s,
                               "cost": float(cost[i]), "latency_s": float(latency[i]),
-                              "correct": float(t.Y[i, s]),
-                              "agreement": float(t.A[i, s] if s < t.num_stages - 1 else 1.0)})
+                              "correct": float(t.correct[i, s]),
+                              "agreement": float(t.agree[i, s] if s < t.num_stages - 1
+                                                 else 1.0)})
 
     # -------------------------------------------------------------- results
-    def on_test_epoch_end(self) -> None:
-        rows_sorted, run_dir = collect_rows(self.rows, self.trainer)
-        self.rows = []
-        if rows_sorted is None:
-            return
-        metrics = self._metrics(rows_sorted)
+    def build_report(self, rows: list[dict[str, Any]]) -> RunReport:
         extra = {"comparison": self._comparison(), "curve": self.curve, **self.extra}
-        write_results(run_dir, self.hparams.method, metrics, rows_sorted,
-                      dict(self.hparams), self.hparams.seed, self._models(),
-                      {"name": str(self.hparams.data_dir), "split": "all (5-fold CV)"},
-                      {"fit_s": self.fit_s}, extra)
-        self._plots(run_dir, extra)
-        for k, v in metrics.items():
-            if isinstance(v, dict) and "value" in v:
-                self.log(f"test/{self.hparams.method}/{k}", v["value"], rank_zero_only=True)
-        print(f"results: {run_dir / 'results.json'}")
+        return RunReport(self.hparams.method, self._metrics(rows), rows, dict(self.hparams),
+                         self.hparams.seed, self._models(),
+                         {"name": str(self.hparams.data_dir),
+                          "split": f"all ({self.hparams.folds}-fold CV)"},
+                         {"fit_s": self.fit_s}, extra)
 
     def _metrics(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         L = self.table.num_stages
         stages = np.array([r["stage"] for r in rows])
         costs = np.array([r["cost"] for r in rows])
         lat = np.array([r["latency_s"] for r in rows])
-        full = self.table.C.sum(1).mean()
+        full = self.table.cost.sum(1).mean()
         return {"accuracy": metric([r["correct"] for r in rows]),
                 "agreement_with_top": metric([r["agreement"] for r in rows]),
                 "relative_cost": metric(costs),
@@ -192,7 +183,7 @@ class CascadeReplayEval(LightningModule):
             out[m] = {"accuracy": metric(self._accuracy(stage)), "relative_cost": metric(cost)}
         if len(self.random_runs) > 1:
             out["random"]["accuracy_over_seeds"] = [float(self._accuracy(s).mean())
-                                                    for s, _ in self.random_runs]
+                                                    for s in self.random_runs]
         if "cascade" in self.decisions:
             for other in ("random", "threshold", "always-top"):
                 out[f"cascade_minus_{other}_accuracy"] = paired_difference(
@@ -211,7 +202,7 @@ class CascadeReplayEval(LightningModule):
         return out
 
     def _models(self) -> list[dict[str, Any]]:
-        from toolkit.cascade.records_datamodule import record_files
+        from toolkit.cascade.prompt_table import record_files
         from toolkit.common.io import read_jsonl
 
         seen = {}
@@ -222,34 +213,29 @@ class CascadeReplayEval(LightningModule):
                                     "sha256": r["model_sha256"], "quantisation": r["quantisation"]}
         return [seen[k] for k in sorted(seen)]
 
-    def _plots(self, run_dir: Path, extra: dict[str, Any]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        (run_dir / "plots").mkdir(parents=True, exist_ok=True)
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        if extra["curve"]:
-            c = extra["curve"]
-            ax.plot([p["cascade_cost"] for p in c], [p["cascade_accuracy"] for p in c], "o-",
-                    label="cascade (λ sweep)")
-            ax.plot([p["threshold_cost"] for p in c], [p["threshold_accuracy"] for p in c],
-                    "s--", label="threshold (λ sweep)")
-        for m, v in extra["comparison"].items():
+    def figures(self, rows: list[dict[str, Any]], report: RunReport) -> dict[str, Any]:
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        curve, comparison = report.extra["curve"], report.extra["comparison"]
+        if curve:
+            ax.plot([p["cascade_cost"] for p in curve], [p["cascade_accuracy"] for p in curve],
+                    "o-", label="cascade (λ sweep)")
+            ax.plot([p["threshold_cost"] for p in curve],
+                    [p["threshold_accuracy"] for p in curve], "s--", label="threshold (λ sweep)")
+        # One marker per fixed method, named in the legend: text labels beside the points
+        # overlap where two methods have the same accuracy at nearly the same cost.
+        markers = iter("^v<>DPX*")
+        for m, v in comparison.items():
             if m in METHODS and m not in ("cascade", "threshold"):
-                ax.plot(v["relative_cost"]["value"], v["accuracy"]["value"], "k^")
-                ax.annotate(m, (v["relative_cost"]["value"], v["accuracy"]["value"]), fontsize=7)
+                ax.plot(v["relative_cost"]["value"], v["accuracy"]["value"], next(markers),
+                        color="k", linestyle="none", markersize=7, fillstyle="none", label=m)
         ax.set_xlabel("relative cost (always-top = 1)")
         ax.set_ylabel("accuracy (ground truth)")
-        ax.legend(fontsize=8)
-        ax.set_title(f"quality vs cost, {len(self.table.ids)} prompts, 5-fold CV")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.set_title(f"quality vs cost, {len(self.table.ids)} prompts, "
+                     f"{self.hparams.folds}-fold CV")
         fig.tight_layout()
-        fig.savefig(run_dir / "plots" / "quality_vs_cost.png", dpi=120)
-        for logger in self.trainer.loggers:
-            if hasattr(logger.experiment, "add_figure"):
-                logger.experiment.add_figure("test/quality_vs_cost", fig)
-        plt.close(fig)
+        return {"quality_vs_cost": fig}
 
 
 class CascadeReplayCallback(Callback):
@@ -268,28 +254,27 @@ class CascadeReplayCallback(Callback):
 
     def __init__(self, lam: float = 1.0, data_dir: str = "data/cascade") -> None:
         self.lam, self.data_dir = lam, data_dir
-        self.table: replay.PromptTable | None = None
+        self.table: PromptTable | None = None
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: LightningModule) -> None:
         from toolkit.cascade.stopping import evaluate, fit_policy
-        from toolkit.common.splits import split_of
 
         if trainer.sanity_checking:
             return
         if self.table is None:
-            self.table = replay.load_prompt_table(self.data_dir, pl_module.hparams.schema,
-                                                  pl_module.hparams.num_stages)
-            self.split = np.array([split_of(i) for i in self.table.ids])
+            self.table = load_prompt_table(self.data_dir, pl_module.hparams.schema,
+                                           pl_module.hparams.num_stages)
         t = self.table
-        n, L, F = t.X.shape
+        n, L, F = t.features.shape
         with torch.no_grad():
-            x = torch.from_numpy(t.X.reshape(n * L, F)).to(pl_module.device)
+            x = torch.from_numpy(t.features.reshape(n * L, F)).to(pl_module.device)
             P = pl_module(x)[:, 0].cpu().numpy().reshape(n, L)
-        tr, va = self.split == "train", self.split == "val"
+        tr, va = t.splits == "train", t.splits == "val"
         if not tr.any() or not va.any():
             return
-        policy = fit_policy(P[tr], t.Y[tr], t.C[tr], self.lam, groups=t.tasks[tr])
-        ev = evaluate(policy, P[va], t.Y[va], t.C[va], t.tasks[va])
+        C = t.cost
+        policy = fit_policy(P[tr], t.correct[tr], C[tr], self.lam, groups=t.tasks[tr])
+        ev = evaluate(policy, P[va], t.correct[va], C[va], t.tasks[va])
         pl_module.log("val/cascade_accuracy", float(ev["correct"].mean()))
         pl_module.log("val/cascade_relative_cost", float(ev["cost"].mean()))
         for k in range(L):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule
 from torch import nn
@@ -136,3 +137,60 @@ class QualityPredictor(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["feature_schema"] = self.schema.to_dict()
+
+
+def train_quality_predictor(features: np.ndarray, targets: np.ndarray, schema: str = "topk",
+                            num_stages: int = 3, steps: int = 300, seed: int = 0,
+                            **hparams: Any) -> QualityPredictor:
+    """Fit a :class:`QualityPredictor` full batch on in-memory features, outside a Trainer.
+
+    The one trainer behind replay's cross-validation and the bundle builder: the same model
+    class, heads and loss that ``python cli.py fit`` trains (there with Lightning's loop and
+    mini-batches), so what replay evaluates is the model ``fit`` ships. Seeded and, on CPU,
+    deterministic: one thread, one summation order.
+
+    Args:
+        features: [N, F] raw features of the schema.
+        targets: [N, 2] (correct, agreement) labels; NaN where a label does not exist (the
+            top stage's agreement with itself), left out of that head's loss.
+        schema: feature schema name.
+        num_stages: stages of the cascade.
+        steps: full-batch AdamW steps.
+        seed: initialisation seed.
+        **hparams: other ``QualityPredictor`` arguments (hidden, dropout, lr, …).
+    """
+    threads = torch.get_num_threads()
+    # One thread: a few-thousand-row MLP gains nothing from more, and on a busy machine extra
+    # intra-op threads make it many times slower; it also fixes the summation order.
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        module = QualityPredictor(schema=schema, num_stages=num_stages, **hparams)
+        x = torch.from_numpy(np.asarray(features, dtype=np.float32))
+        y = torch.from_numpy(np.asarray(targets, dtype=np.float32))
+        module.set_feature_stats(x.mean(0), x.std(0))
+        opt = module.configure_optimizers()
+        module.train()
+        # Replay runs inside Trainer.test, which disables autograd; this fit needs it back.
+        with torch.inference_mode(False), torch.enable_grad():
+            for _ in range(steps):
+                opt.zero_grad()
+                module._loss(module.net((x - module.feat_mean) / module.feat_std), y).backward()
+                opt.step()
+        return module.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def predict_correct(module: QualityPredictor, features: np.ndarray) -> np.ndarray:
+    """P(correct) for features of any leading shape ([..., F] -> [...]), on one thread so that
+    replay results are reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            x = torch.from_numpy(np.asarray(features, dtype=np.float32))
+            flat = x.reshape(-1, x.shape[-1])
+            return module(flat)[:, 0].numpy().reshape(x.shape[:-1])
+    finally:
+        torch.set_num_threads(threads)

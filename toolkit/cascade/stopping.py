@@ -285,7 +285,8 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
 def evaluate(policy: AnyPolicy, P: np.ndarray, Y: np.ndarray, C: np.ndarray,
              groups: np.ndarray | None = None, keys: np.ndarray | None = None
              ) -> dict[str, np.ndarray]:
-    """Replay a policy on prompts: answering stage, cost paid, correctness, per prompt.
+    """Replay a policy on prompts: answering stage, cost paid, correctness and the stages
+    run ([N, L] bool), per prompt.
 
     ``keys`` (``prompt_key`` of each prompt) are needed for a ``MixedPolicy``.
     """
@@ -294,11 +295,13 @@ def evaluate(policy: AnyPolicy, P: np.ndarray, Y: np.ndarray, C: np.ndarray,
     if isinstance(policy, MixedPolicy) and keys is None:
         raise ValueError("evaluating a mixed policy needs each prompt's key")
     stop, cost, correct = np.empty(N, int), np.empty(N), np.empty(N)
+    ran_mask = np.zeros(P.shape, bool)
     for i in range(N):
         pol = policy if keys is None else policy.for_key(str(keys[i]))
         k, ran = pol.run(P[i], str(groups[i]))
         stop[i], cost[i], correct[i] = k, C[i, ran].sum(), Y[i, k]
-    return {"stage": stop, "cost": cost, "correct": correct}
+        ran_mask[i, ran] = True
+    return {"stage": stop, "cost": cost, "correct": correct, "ran": ran_mask}
 
 
 def calibrate_lambda(P: np.ndarray, Y: np.ndarray, C: np.ndarray, budget: float,
@@ -378,12 +381,12 @@ def policy_from_dict(d: dict[str, Any]) -> AnyPolicy:
 
     tables: dict[str, dict[History, Decision]] = {}
     for x in d["decisions"]:
-        if "group" not in x:
+        if "group" not in x and set(d["entry"]) - {""}:
             raise PolicyFormatError(
                 "this policy was saved before decisions were kept per prompt group (its "
                 "grouped decisions were wrong); rebuild the bundle with `serve --build_bundle "
                 "true`")
-        tables.setdefault(x["group"], {})[tuple(tuple(h) for h in x["history"])] = dec(x)
+        tables.setdefault(x.get("group", ""), {})[tuple(tuple(h) for h in x["history"])] = dec(x)
     return StoppingPolicy(
         d["lam"], [np.asarray(e) for e in d["bin_edges"]], dict(d["entry"]), tables,
         {int(k): dec(v) for k, v in d["stage_fallback"].items()},

@@ -16,6 +16,7 @@ import platform
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,31 +80,45 @@ def ids_hash(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
-COMMAND: str | None = None  # set by cli.py: the command line as the user typed it
+@dataclass
+class RunReport:
+    """What one evaluation run reports: everything ``results.json`` holds besides the
+    provenance this module adds itself (git state, packages, threads, python)."""
+
+    method: str
+    metrics: dict[str, Any]
+    examples: list[dict[str, Any]]  # one row per example, each with an ``id``
+    config: dict[str, Any]
+    seed: int
+    models: list[dict[str, Any]]  # slug, sha256, quantisation of every model used
+    data: dict[str, Any]  # name, split (``n`` and ``ids_hash`` are added here)
+    timings: dict[str, float]
+    extra: dict[str, Any] = field(default_factory=dict)  # method-specific top-level blocks
+    command: str | None = None  # the command line as typed (the CLI passes it in)
 
 
-def write_results(run_dir: str | Path, method: str, metrics: dict[str, Any],
-                  examples: list[dict[str, Any]], config: dict[str, Any], seed: int,
-                  models: list[dict[str, Any]], data: dict[str, Any],
-                  timings: dict[str, float], extra: dict[str, Any] | None = None) -> Path:
+def write_results(run_dir: str | Path, report: RunReport) -> Path:
     """Write results.json and examples.jsonl (rows sorted by id) into ``run_dir``."""
     run_dir = Path(run_dir)
     repo = Path(__file__).resolve().parents[2]
     import torch
 
-    rows = sorted(examples, key=lambda r: str(r["id"]))
+    rows = sorted(report.examples, key=lambda r: str(r["id"]))
     results = {
-        "schema_version": SCHEMA_VERSION, "method": method, "git": git_state(repo),
-        "command": COMMAND or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "config": config,
-        "seed": seed, "packages": package_versions(), "threads": torch.get_num_threads(),
-        "python": platform.python_version(), "models": models,
-        "data": {**data, "n": len(rows), "ids_hash": ids_hash([str(r["id"]) for r in rows])},
-        "metrics": metrics, "timings": timings, **(extra or {}),
+        "schema_version": SCHEMA_VERSION, "method": report.method, "git": git_state(repo),
+        "command": report.command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "config": report.config, "seed": report.seed, "packages": package_versions(),
+        "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "models": report.models,
+        "data": {**report.data, "n": len(rows),
+                 "ids_hash": ids_hash([str(r["id"]) for r in rows])},
+        "metrics": report.metrics, "timings": report.timings, **report.extra,
     }
     atomic_write_text(run_dir / "examples.jsonl",
-                      "".join(json.dumps(r, sort_keys=True, default=json_default) + "\n" for r in rows))
-    atomic_write_json(run_dir / "results.json", json.loads(json.dumps(results, default=json_default)))
+                      "".join(json.dumps(r, sort_keys=True, default=json_default) + "\n"
+                              for r in rows))
+    atomic_write_json(run_dir / "results.json",
+                      json.loads(json.dumps(results, default=json_default)))
     return run_dir / "results.json"
 
 

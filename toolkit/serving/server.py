@@ -11,6 +11,7 @@ bundle's calibrated budget no longer holds.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import os
@@ -20,8 +21,8 @@ from typing import Any
 
 from toolkit.generation.base import DecodingConfig
 from toolkit.serving.app import Limits, create_app
-from toolkit.serving.bundle import BuildRecipe, BundleError, check_models, load_bundle
-from toolkit.serving.bundle import build_bundle as make_bundle
+from toolkit.cascade.bundle import BuildRecipe
+from toolkit.serving.bundle import BundleError, check_models, load_bundle
 
 log = logging.getLogger("toolkit.serving")
 
@@ -92,6 +93,8 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
     if build_bundle:
         if not stages or decoding is None or build is None:
             raise BundleError("--build_bundle needs stages, decoding and build in the config")
+        from toolkit.cascade.bundle import build_bundle as make_bundle
+
         path = make_bundle(bundle, stages, decoding, build)
         print(f"bundle written to {path}")
         return {"bundle": str(path)}
@@ -128,7 +131,11 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
     stats = ServerStats(len(backends), [b.info.slug for b in backends])
     engine = CascadeEngine(cascade, stats, max_batch=max_batch, wait_ms=wait_ms,
                            max_queue=max_queue)
-    info = {"path": str(loaded.path), "stages": [s["model"] for s in loaded.stages],
+    # Names and hashes only: /stats must not reveal where files live on the server.
+    info = {"bundle": loaded.path.name,
+            "bundle_sha256": hashlib.sha256((loaded.path / "bundle.json").read_bytes()
+                                            ).hexdigest(),
+            "stages": [{"slug": b.info.slug, "sha256": b.info.sha256} for b in backends],
             "lambda": policy.lam, "lambda_from_env": lam is not None,
             "budget": None if lam is not None else loaded.meta.get("budget"),
             "predictor_sha256": loaded.meta["predictor"]["sha256"],
@@ -139,7 +146,8 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
     app = create_app(engine, limits, api_key, model_name, info)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=int(limits.request_timeout_s) + 5)
-    print(f"serving {info['stages']} (λ={policy.lam:.4g}) on http://{host}:{port}",
+    slugs = [st["slug"] for st in info["stages"]]
+    print(f"serving {slugs} (λ={policy.lam:.4g}) on http://{host}:{port}",
           file=sys.stderr, flush=True)
     uvicorn.Server(config).run()
     return None
