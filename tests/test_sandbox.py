@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import socket
 import threading
@@ -287,8 +288,8 @@ def test_humaneval_runs_at_most_two_programs_at_once(humaneval):
     assert max(seen) == 2
 
 
-def test_refuses_without_bubblewrap_and_runs_unisolated_when_asked(monkeypatch, caplog):
-    monkeypatch.setattr(sandbox, "bwrap_path", lambda: "/bin/false")
+def _refusal(monkeypatch, bwrap: str) -> str:
+    monkeypatch.setattr(sandbox, "bwrap_path", lambda: bwrap)
     sandbox.check_available.cache_clear()
     try:
         with pytest.raises(SandboxUnavailableError) as info:
@@ -297,6 +298,22 @@ def test_refuses_without_bubblewrap_and_runs_unisolated_when_asked(monkeypatch, 
         sandbox.check_available.cache_clear()
     assert isinstance(info.value, UserError) and "\n" not in str(info.value)
     assert "unisolated=true" in str(info.value)
+    return str(info.value)
+
+
+def test_refuses_a_tampered_bwrap(monkeypatch, tmp_path):
+    if platform.machine() not in sandbox.BWRAP_BINARY_SHA256:
+        pytest.skip(f"no pinned bwrap binary hash for {platform.machine()}")
+    tampered = tmp_path / "bwrap"
+    tampered.write_bytes(Path(sandbox.bwrap_path()).read_bytes() + b"\0")
+    tampered.chmod(0o755)
+    assert "sha256 mismatch" in _refusal(monkeypatch, str(tampered))
+
+
+def test_refuses_without_bubblewrap_and_runs_unisolated_when_asked(monkeypatch, caplog):
+    # a bwrap that cannot make namespaces (here: one that always fails)
+    monkeypatch.setattr(sandbox, "BWRAP_BINARY_SHA256", {})
+    assert "`bwrap --unshare-user true` failed" in _refusal(monkeypatch, "/bin/false")
     # unisolated: off by default, warned about, and still judged by the token
     task = build_task("humaneval", limit=1, unisolated=True)
     assert "WITHOUT a sandbox" in caplog.text

