@@ -35,7 +35,7 @@ PROMPTS = [
 def plain_tokens(backend: TransformersBackend, prompts: list[str], cfg: DecodingConfig) -> int:
     tok = backend.tokenizer
     enc = tok([backend.render(p, cfg) for p in prompts], return_tensors="pt", padding=True,
-              add_special_tokens=False)
+              add_special_tokens=False).to(backend.device)  # the model's device (GPU check)
     with torch.inference_mode():
         out = backend.model.generate(**enc, do_sample=False, max_new_tokens=cfg.max_new_tokens,
                                      pad_token_id=tok.pad_token_id)
