@@ -55,7 +55,8 @@ from benchmarks.qstar_throughput import run as qstar_run
 from toolkit.common.io import atomic_write_json
 from toolkit.generation.base import DecodingConfig
 
-# Qwen2.5-1.5B / 0.5B and a ~1B LLaDA (TinyLlama-like widths, LLaDA's vocabulary and mask id).
+# Qwen2.5-1.5B / 0.5B (1.54B / 0.49B parameters) and a ~1B LLaDA: TinyLlama-like widths with
+# LLaDA's vocabulary and mask id (1.13B non-embedding parameters, 1.65B in all).
 FULL: dict[str, Any] = {
     "qwen_1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                       num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
