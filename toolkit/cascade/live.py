@@ -127,14 +127,21 @@ class LiveCascade:
         """
         if policies is None:
             policies = [self.policy.for_key(prompt_key(r.prompt)) for r in requests]
-        backend = self.backends[k]
         extra = {"on_step": on_step} if on_step is not None else {}
-        outs = backend.generate(list(requests), decoding or self.decoding,
-                                batch_size=self.batch_size, **extra)
+        outs = self.backends[k].generate(list(requests), decoding or self.decoding,
+                                         batch_size=self.batch_size, **extra)
+        return self.score(k, outs, histories, policies, groups)
+
+    def score(self, k: int, outs: Sequence[GenerationOutput], histories: Sequence[History],
+              policies: Sequence[StoppingPolicy], groups: Sequence[str] | None = None
+              ) -> list[StageStep]:
+        """Score stage k's finished answers and decide for each (the second half of
+        ``run_stage``; the server calls it directly as answers finish mid-batch)."""
+        backend = self.backends[k]
         feats = np.stack([record_features(self._record(k, o), self.predictor.schema)
                           for o in outs])
         probs = self.predictor.predict(feats, self.predictor.schema)[:, 0]
-        groups = list(groups) if groups is not None else [""] * len(requests)
+        groups = list(groups) if groups is not None else [""] * len(outs)
         steps = []
         for h, o, p, pol, g in zip(histories, outs, probs, policies, groups):
             history = (*h, (k, pol.bin_of(k, float(p))))

@@ -10,13 +10,15 @@ Continuous batching: at most ``max_active`` sequences decode together. A sequenc
 batch the step it finishes, and the next queued prompts (shortest first, which keeps padding
 small) are prefilled and join, so the batch stays full until the queue is empty. Joining pads
 the shorter cache on the left; leading columns that are padding for every row are trimmed.
+``steps`` runs the loop one step at a time and lets a caller add requests while it runs (the
+server admits new requests into a running batch); ``run`` decodes a fixed list.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,10 @@ import torch
 
 from toolkit.generation.base import DecodingConfig, GenerationOutput
 from toolkit.generation.sampling import choose_next, make_generator, token_stats
+
+OnStep = Callable[[list[int], list[int]], Iterable[int] | None]
+Admit = Callable[[int], Iterable[tuple[list[int], int, int]]]
+"""``admit(free slots)`` -> new requests as (prompt ids, budget, seed) (see ``DecodeLoop.steps``)."""
 
 # picker(logits per model [B, V] each, config, generators of the rows or None)
 #   -> (tokens [B], log-probs to record stats on [B, V], extra per-token values {name: [B]})
@@ -130,12 +136,10 @@ class DecodeLoop:
         return mask[:, first:]
 
     # ------------------------------------------------------------------ run
-    @torch.inference_mode()
     def run(self, prompts: list[list[int]], budgets: list[int], seeds: list[int],
             config: DecodingConfig, max_active: int = 8,
             decode: Callable[[np.ndarray], str] | None = None,
-            on_step: Callable[[list[int], list[int]], Iterable[int] | None] | None = None
-            ) -> list[GenerationOutput]:
+            on_step: OnStep | None = None) -> list[GenerationOutput]:
         """Decode every prompt; ``wall_s`` runs from a request's prefill to its last token.
 
         ``on_step(request indices, token ids)``, if given, is called after every step with the
@@ -143,41 +147,107 @@ class DecodeLoop:
         It may return request indices to abandon (their clients went away): those rows leave
         the batch at once with stop reason ``cancelled``, so nobody pays for unread tokens.
         """
+        results: list[GenerationOutput | None] = [None] * len(prompts)
+        for finished in self.steps(prompts, budgets, seeds, config, max_active, decode,
+                                   on_step):
+            for r, out in finished:
+                results[r] = out
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def steps(self, prompts: list[list[int]], budgets: list[int], seeds: list[int],
+              config: DecodingConfig, max_active: int = 8,
+              decode: Callable[[np.ndarray], str] | None = None,
+              on_step: OnStep | None = None, admit: Admit | None = None
+              ) -> Iterator[list[tuple[int, GenerationOutput]]]:
+        """``run`` one step at a time: yields, after every decoding step, the requests that
+        finished in it as (request index, output); ends when nothing is left to decode.
+
+        ``admit(free slots)``, if given, is asked before every step for more requests
+        ((prompt ids, budget, seed) each; indices continue after the last one): they join the
+        running batch at that step (the server admits new requests this way). A caller may
+        also stop iterating at any point.
+        """
         t0 = time.perf_counter()
-        n, dev = len(prompts), self.device
-        queue = sorted(range(n), key=lambda i: len(prompts[i]))
+        dev = self.device
+        prompts, budgets, seeds = list(prompts), list(budgets), list(seeds)
+        queue = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         generators = None if config.greedy else [make_generator(config.seed, s) for s in seeds]
         eos = torch.tensor(self.eos_ids or [-1], device=dev)
-        budget_all = torch.tensor(budgets, device=dev)
+        budget_all = torch.tensor(budgets, device=dev, dtype=torch.long)
         k = config.top_logprobs if config.token_stats else 0
-        buf_ids = torch.zeros((n, max(budgets)), dtype=torch.long, device=dev)
-        bufs: dict[str, torch.Tensor] = {}
-        lengths, stop, wall, admitted = [0] * n, ["length"] * n, [0.0] * n, [0.0] * n
+        bufs: dict[str, torch.Tensor] = {
+            "token_ids": torch.zeros((len(prompts), max(budgets, default=1)), dtype=torch.long,
+                                     device=dev)}
+        admitted = [0.0] * len(prompts)
         state = None  # (caches, next-token logits per model, attention mask, positions)
         active = torch.zeros(0, dtype=torch.long, device=dev)  # request index of each row
         steps = torch.zeros(0, dtype=torch.long, device=dev)  # tokens generated by each row
 
+        def grow() -> None:
+            """Make room in the per-token buffers for requests added by ``admit``."""
+            rows, width = len(prompts), max(budgets)
+            for name, buf in bufs.items():
+                extra_rows, extra_cols = rows - buf.shape[0], width - buf.shape[1]
+                if extra_cols > 0:
+                    buf = torch.cat([buf, buf.new_zeros((buf.shape[0], extra_cols,
+                                                         *buf.shape[2:]))], 1)
+                if extra_rows > 0:
+                    buf = torch.cat([buf, buf.new_zeros((extra_rows, *buf.shape[1:]))], 0)
+                bufs[name] = buf
+
         def record(values: dict[str, torch.Tensor]) -> None:
             for name, val in values.items():
                 if name not in bufs:
-                    bufs[name] = torch.zeros((n, buf_ids.shape[1], *val.shape[1:]),
-                                             dtype=val.dtype, device=dev)
+                    bufs[name] = torch.zeros((len(prompts), bufs["token_ids"].shape[1],
+                                              *val.shape[1:]), dtype=val.dtype, device=dev)
                 bufs[name][active, steps] = val
 
-        while queue or len(active):
+        def output(r: int, length: int, stop: str, wall: float) -> GenerationOutput:
+            toks = bufs["token_ids"][r, :length].cpu().numpy()
+            res = GenerationOutput(
+                text=decode(toks) if decode else "", token_ids=toks,
+                prompt_tokens=len(prompts[r]), stop_reason=stop, wall_s=wall,
+                extra={"queued_s": admitted[r], "max_active": max_active})
+            for name, buf in bufs.items():
+                if name == "token_ids":
+                    continue
+                arr = buf[r, :length].cpu().numpy()
+                if hasattr(res, name):
+                    setattr(res, name, arr)
+                else:
+                    res.extra[name] = arr
+            return res
+
+        while True:
+            free = max_active - len(active) - len(queue)
+            if admit is not None and free > 0:
+                new = list(admit(free))
+                if new:
+                    for ids, budget, seed in new:
+                        queue.append(len(prompts))
+                        prompts.append(ids)
+                        budgets.append(budget)
+                        admitted.append(0.0)
+                        if generators is not None:
+                            generators.append(make_generator(config.seed, seed))
+                    budget_all = torch.tensor(budgets, device=dev, dtype=torch.long)
+                    grow()
+            if not queue and not len(active):
+                return
             free = max_active - len(active)
             if free > 0 and queue and (state is None or self._can_merge(state[0])):
-                new, queue = queue[:free], queue[free:]
-                for i in new:
+                new_rows, queue = queue[:free], queue[free:]
+                for i in new_rows:
                     admitted[i] = time.perf_counter() - t0
-                fresh = self._prefill([prompts[i] for i in new])
+                fresh = self._prefill([prompts[i] for i in new_rows])
                 state = fresh if state is None else self._merge(state, fresh)
-                active = torch.cat([active, torch.tensor(new, device=dev)])
-                steps = torch.cat([steps, steps.new_zeros(len(new))])
+                active = torch.cat([active, torch.tensor(new_rows, device=dev)])
+                steps = torch.cat([steps, steps.new_zeros(len(new_rows))])
             caches, logits, mask, positions = state
             rows = None if generators is None else [generators[i] for i in active.tolist()]
             nxt, logprobs, extra = self.picker(logits, config, rows)
-            buf_ids[active, steps] = nxt
+            bufs["token_ids"][active, steps] = nxt
             abandon = on_step(active.tolist(), nxt.tolist()) if on_step is not None else None
             if config.token_stats:
                 record(token_stats(logprobs, nxt, k))
@@ -189,17 +259,19 @@ class DecodeLoop:
             if abandon:
                 cancelled = torch.isin(active, torch.tensor(list(abandon), device=dev))
                 done = done | cancelled
+            finished: list[tuple[int, GenerationOutput]] = []
             if done.any():
                 now = time.perf_counter() - t0
                 for j in done.nonzero().flatten().tolist():
                     r = int(active[j])
-                    lengths[r], wall[r] = int(steps[j]), now - admitted[r]
-                    stop[r] = ("cancelled" if bool(cancelled[j]) else
-                               "eos" if bool(ended[j]) else "length")
+                    stop = ("cancelled" if bool(cancelled[j]) else
+                            "eos" if bool(ended[j]) else "length")
+                    finished.append((r, output(r, int(steps[j]), stop, now - admitted[r])))
                 keep = (~done).nonzero().flatten()
                 active, steps, nxt = active[keep], steps[keep], nxt[keep]
                 if len(active) == 0:
                     state = None
+                    yield finished
                     continue
                 for cache in caches:
                     cache.batch_select_indices(keep)
@@ -214,20 +286,4 @@ class DecodeLoop:
                 new_caches.append(_cache_of(out))
                 new_logits.append(out.logits[:, -1, :].float())
             state = (new_caches, new_logits, mask, positions)
-
-        ids_np = buf_ids.cpu().numpy()
-        arrays = {name: v.cpu().numpy() for name, v in bufs.items()}
-        results = []
-        for r in range(n):
-            toks = ids_np[r, :lengths[r]]
-            res = GenerationOutput(
-                text=decode(toks) if decode else "", token_ids=toks,
-                prompt_tokens=len(prompts[r]), stop_reason=stop[r], wall_s=wall[r],
-                extra={"queued_s": admitted[r], "max_active": max_active})
-            for name, arr in arrays.items():
-                if hasattr(res, name):
-                    setattr(res, name, arr[r, :lengths[r]])
-                else:
-                    res.extra[name] = arr[r, :lengths[r]]
-            results.append(res)
-        return results
+            yield finished

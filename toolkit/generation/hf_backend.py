@@ -11,10 +11,11 @@ loop itself lives in ``decode_loop.py``, shared with the q* sampler. ``benchmark
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from toolkit.common.errors import UserError
 from toolkit.generation.base import (
     DecodingConfig,
     GenerationOutput,
@@ -28,7 +29,7 @@ from toolkit.models import loading
 OnStep = Callable[[list[int], list[int]], Iterable[int] | None]
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(UserError, ValueError):
     """A prompt plus its token budget does not fit the model's context window."""
 
 
@@ -99,18 +100,48 @@ class TransformersBackend:
     # -------------------------------------------------------------- generation
     def generate(self, requests: Sequence[GenerationRequest], config: DecodingConfig,
                  batch_size: int = 8, on_step: OnStep | None = None) -> list[GenerationOutput]:
+        encoded, budgets, seeds = self._prepare(requests, config)
+        return self.generate_ids(encoded, budgets, seeds, config, max_active=batch_size,
+                                 on_step=on_step)
+
+    def _prepare(self, requests: Sequence[GenerationRequest], config: DecodingConfig,
+                 first: int = 0) -> tuple[list[list[int]], list[int], list[int]]:
+        """Token ids, budgets and seeds of requests numbered from ``first``; refuses prompts
+        that are empty or do not fit the context."""
         encoded = [self.encode(r.prompt, config) for r in requests]
         budgets = [r.max_new_tokens or config.max_new_tokens for r in requests]
-        for i, (ids, budget) in enumerate(zip(encoded, budgets)):
+        for i, (ids, budget) in enumerate(zip(encoded, budgets), start=first):
             if len(ids) + budget > self.context_length:
                 raise ContextLengthError(
                     f"request {i}: prompt of {len(ids)} tokens + max_new_tokens {budget} "
                     f"exceeds the model's context of {self.context_length}")
             if not ids:
                 raise ValueError(f"request {i}: empty prompt")
-        seeds = [r.seed if r.seed is not None else i for i, r in enumerate(requests)]
-        return self.generate_ids(encoded, budgets, seeds, config, max_active=batch_size,
-                                 on_step=on_step)
+        seeds = [r.seed if r.seed is not None else i
+                 for i, r in enumerate(requests, start=first)]
+        return encoded, budgets, seeds
+
+    def generate_steps(self, requests: Sequence[GenerationRequest], config: DecodingConfig,
+                       batch_size: int = 8, on_step: OnStep | None = None,
+                       admit: Callable[[int], Sequence[GenerationRequest]] | None = None
+                       ) -> Iterator[list[tuple[int, GenerationOutput]]]:
+        """``generate`` one decoding step at a time (``DecodeLoop.steps``): yields the requests
+        finished at each step as (index, output). ``admit(free slots)`` may return more
+        requests, which join the running batch at the next step (indices continue)."""
+        encoded, budgets, seeds = self._prepare(requests, config)
+        count = len(requests)
+
+        def admit_ids(free: int) -> list[tuple[list[int], int, int]]:
+            nonlocal count
+            new = list(admit(free)) if admit is not None else []
+            ids, budgets_, seeds_ = self._prepare(new, config, first=count)
+            count += len(new)
+            return list(zip(ids, budgets_, seeds_))
+
+        loop = DecodeLoop([self.model], self.tokenizer.pad_token_id, self.eos_ids, self.device)
+        return loop.steps(encoded, budgets, seeds, config, batch_size,
+                          decode=lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True),
+                          on_step=on_step, admit=admit_ids if admit is not None else None)
 
     def generate_ids(self, prompts: list[list[int]], budgets: list[int], seeds: list[int],
                      config: DecodingConfig, max_active: int = 8,
