@@ -206,3 +206,25 @@ def test_label_and_generate_refuse_an_output_another_process_writes(tmp_path, ti
         proc.kill()
         proc.wait()
     assert not out.exists()  # the refused run wrote nothing (the holder had nothing to write)
+
+
+def test_second_resumable_qstar_evaluation_is_refused(tmp_path, tiny_lm, tiny_lm_b, capsys):
+    from toolkit import cli
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "p0", "prompt": "1 + 1 =", "answer": "2"}) + "\n")
+    proc = _start_holder(tmp_path / "resume" / "qstar-entropy.rows.jsonl")
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["test", "--method", "qstar-entropy",
+                      "--model.init_args.model_theta", str(tiny_lm),
+                      "--model.init_args.model_t", str(tiny_lm_b),
+                      "--model.init_args.resume_dir", str(tmp_path / "resume"),
+                      "--data.init_args.task", str(prompts), "--data.init_args.limit", "1",
+                      "--trainer.default_root_dir", str(tmp_path / "runs")])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(f"pid {proc.pid}" in line and "qstar-entropy.rows.jsonl" in line for line in err)
