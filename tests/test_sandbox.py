@@ -178,7 +178,8 @@ def test_right_answers_pass_and_wrong_ones_fail(humaneval):
 def test_endless_loop_times_out_and_kills_its_children():
     marker = f"looper-{random.getrandbits(48):x}"
     program = ("import os, sys\nif os.fork() == 0:\n"
-               f"    os.execv(sys.executable, [sys.executable, '-c', 'while True: pass  # {marker}'])\n"
+               "    os.execv(sys.executable, [sys.executable, '-c', "
+               f"'while True: pass  # {marker}'])\n"
                "while True:\n    pass\n")
     t0 = time.monotonic()
     res = run_python(program, timeout_s=1.0)
@@ -186,12 +187,14 @@ def test_endless_loop_times_out_and_kills_its_children():
     assert _marked_processes(marker) == []
 
 
-@pytest.mark.parametrize("bound", ["cgroup", "watchdog"])
+@pytest.mark.parametrize("bound", ["cgroup", "watchdog", "watchdog-scan"])
 def test_process_count_is_bounded(monkeypatch, bound):
     if bound == "cgroup" and sandbox._cgroup_parent() is None:
         pytest.skip("no writable pids cgroup here: the watchdog bounds processes")
-    if bound == "watchdog":
+    if bound.startswith("watchdog"):
         monkeypatch.setattr(sandbox, "_cgroup_parent", lambda: None)
+    if bound == "watchdog-scan":  # as without /proc/<pid>/task/<tid>/children
+        monkeypatch.setattr(sandbox, "_PROC_CHILDREN", False)
     # A bounded fork loop: 3 x MAX_PROCESSES sleeping children at most, whatever the sandbox.
     program = ("import os, time\nn = 0\n"
                f"for _ in range({3 * MAX_PROCESSES}):\n    try:\n        pid = os.fork()\n"
@@ -218,9 +221,21 @@ def test_fork_bomb_is_contained():
     assert not list(Path(sandbox._cgroup_parent()).glob(f"toolkit-sandbox-{os.getpid()}-*"))
 
 
-def test_memory_files_and_output_are_capped():
+def test_memory_files_and_output_are_capped(monkeypatch):
     res = run_python("x = bytearray(8 << 30)\n", timeout_s=3.0)  # 8 GiB: over the limit
     assert (res.passed, res.status) == (False, "error") and "memory" in res.detail.lower()
+    # Many processes, each under its own limit, over the limit in all. (The limit is lowered to
+    # 256 MiB here: at a few hundred MB/s of page faults on a loaded machine, 2 GiB takes long.)
+    monkeypatch.setattr(sandbox, "MEMORY_BYTES", 256 << 20)
+    program = ("import os, time\nfor _ in range(6):\n    if os.fork() == 0:\n"
+               "        x = b'y' * (80 << 20)  # written, so resident\n        time.sleep(30)\n"
+               "        os._exit(0)\ntime.sleep(30)\n")
+    t0 = time.monotonic()
+    res = run_python(program, timeout_s=20.0)
+    assert (res.passed, res.status) == (False, "error"), res
+    assert res.detail == "memory limit (256 MiB in all) reached"
+    assert time.monotonic() - t0 < 15
+    monkeypatch.undo()
     res = run_python("open('big.bin', 'wb').write(b'0' * (64 << 20))\n", timeout_s=3.0)
     assert (res.passed, res.status) == (False, "error") and str(FILE_BYTES) in res.detail
     t0 = time.monotonic()

