@@ -316,6 +316,13 @@ def _refusal(monkeypatch, bwrap: str) -> str:
     return str(info.value)
 
 
+def test_a_sandbox_that_cannot_start_is_an_error(monkeypatch):
+    monkeypatch.setattr(sandbox, "TMPFS_BYTES", 0)  # bwrap refuses a tmpfs of size 0
+    res = run_python("print(1)\n")
+    assert (res.passed, res.status) == (False, "error"), res
+    assert res.detail.startswith("the sandbox could not start: bwrap: --size")
+
+
 def test_refuses_a_tampered_bwrap(monkeypatch, tmp_path):
     if platform.machine() not in sandbox.BWRAP_BINARY_SHA256:
         pytest.skip(f"no pinned bwrap binary hash for {platform.machine()}")

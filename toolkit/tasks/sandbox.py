@@ -245,12 +245,12 @@ class _Bounds:
         if self._procs_fd is not None:
             os.write(self._procs_fd, b"0")
 
-    def watch(self, init_pid: int) -> None:
-        """Start the watchdog on the namespace whose init is ``init_pid``."""
-        self._thread = threading.Thread(target=self._watch, args=(init_pid,), daemon=True)
+    def watch(self, init_pid: int, init_fd: int) -> None:
+        """Start the watchdog on the namespace whose init is ``init_pid`` (pidfd ``init_fd``)."""
+        self._thread = threading.Thread(target=self._watch, args=(init_pid, init_fd), daemon=True)
         self._thread.start()
 
-    def _watch(self, init_pid: int) -> None:
+    def _watch(self, init_pid: int, init_fd: int) -> None:
         walk = _PROC_CHILDREN  # read each run, so that tests can try both ways
         try:
             ns = os.readlink(f"/proc/{init_pid}/ns/pid")
@@ -264,7 +264,7 @@ class _Bounds:
                 self.exceeded = f"memory limit ({MEMORY_BYTES >> 20} MiB in all) reached"
             else:
                 continue
-            _kill(init_pid)
+            _kill(init_pid, init_fd)
             return
 
     def close(self) -> None:
@@ -337,9 +337,13 @@ def _measure(pids: list[int]) -> tuple[int, int]:
     return tasks, rss
 
 
-def _kill(pid: int) -> None:
+def _kill(pid: int, pidfd: int | None = None) -> None:
+    """SIGKILL through ``pidfd`` if given (immune to pid reuse), else to ``pid``."""
     try:
-        os.kill(pid, signal.SIGKILL)
+        if pidfd is None:
+            os.kill(pid, signal.SIGKILL)
+        else:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass  # already gone
 
@@ -419,23 +423,27 @@ def run_python(program: str, timeout_s: float = 5.0, *, unisolated: bool = False
             for fd in (token_r, token_w, result_w, info_w):  # the parent's copies
                 os.close(fd)
                 pipes.remove(fd)
-            init_pid = None if unisolated else _read_init_pid(info_r)
-            if init_pid is not None:
-                bound.watch(init_pid)
+            init = None if unisolated else _open_init(info_r)
+            if init is not None:
+                pipes.append(init[1])
+                bound.watch(*init)
             timed_out = False
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                # The namespace's init takes every process of the namespace with it; without a
-                # namespace, the session's group is the best there is.
-                if init_pid is not None:
-                    _kill(init_pid)
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                # The namespace's init takes every process of the namespace with it (a pidfd:
+                # no risk of hitting a reused pid); without a namespace, the session's group is
+                # the best there is.
+                if init is not None:
+                    _kill(*init)
+                if unisolated:
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+                proc.kill()  # a no-op once it has been waited for
                 proc.wait()
             os.set_blocking(result_r, False)
             try:
@@ -444,22 +452,30 @@ def run_python(program: str, timeout_s: float = 5.0, *, unisolated: bool = False
                 delivered = b""
             stdout, stderr = _tail(out), _tail(err)
     finally:
+        bound.close()  # first: its watchdog may still use the init's pidfd
         for fd in pipes:
             os.close(fd)
-        bound.close()
+    if not unisolated and init is None:  # bwrap failed before starting anything
+        lines = stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        return ExecutionResult(False, "error", f"the sandbox could not start: {lines[-1]}",
+                               stdout, stderr)
     return _verdict(delivered == token, proc.returncode, timed_out, bound.exceeded, timeout_s,
                     stdout, stderr)
 
 
-def _read_init_pid(fd: int) -> int | None:
-    """bwrap's ``--info-fd`` JSON: the pid of the namespace's init (None if bwrap failed)."""
+def _open_init(fd: int) -> tuple[int, int] | None:
+    """(pid, pidfd) of the namespace's init, from bwrap's ``--info-fd`` JSON; None if it failed."""
     data = b""
     while chunk := os.read(fd, 4096):
         data += chunk
         try:
-            return int(json.loads(data)["child-pid"])
+            pid = int(json.loads(data)["child-pid"])
         except (ValueError, KeyError):
             continue
+        try:
+            return pid, os.pidfd_open(pid)
+        except OSError:  # already gone: then so is everything it held
+            return None
     return None
 
 
