@@ -26,6 +26,7 @@ from toolkit.dllm import (
     generate_with_adaptive_scheduling,
     generate_with_custom_scheduler,
 )
+from toolkit.dllm.peer_policies import EntropyBoundedPolicy, WinoPolicy
 from toolkit.dllm.policies import Plan, select_factor, select_threshold, select_top_k
 
 torch.set_num_threads(1)
@@ -162,6 +163,9 @@ POLICIES = {
     # Static blocks and a dual cache keep rows in shared forwards while their τ diverge.
     "adaptive-threshold-only": lambda: AdaptivePolicy(base_block_size=8, dynamic_block=False,
                                                       tiered_cache=False, cache="dual"),
+    "eb-prefix": lambda: EntropyBoundedPolicy(8, gamma=0.5),
+    "eb-dual": lambda: EntropyBoundedPolicy(8, gamma=0.5, cache="dual"),
+    "wino": lambda: WinoPolicy(8, draft_threshold=0.3, verify_threshold=0.9),
 }
 
 
@@ -179,6 +183,8 @@ def test_batch_with_left_padding_equals_single_runs(model, name):
     if name.startswith("adaptive"):
         # Per-row state: the rows adapted differently, so sharing any state would have failed.
         assert len({tuple(t) for t in batch.thresholds}) > 1
+        if name != "adaptive-no-tiers":  # τ moves (the candidates' entropy is finite)
+            assert any(t != 0.8 for row in batch.thresholds for t in row)
     if name == "adaptive":
         assert len({tuple(b) for b in batch.block_sizes}) > 1
 
@@ -480,3 +486,122 @@ def test_fastdllm_default_equals_published_loop_on_fixture(fixture_model, cache,
         stalls += stalled
     if threshold == 0.9:
         assert stalls > 0  # the capped case is exercised
+
+
+# -- peers: entropy-bounded and WINO-style revocable decoding ---------------------------------
+@torch.no_grad()
+def naive_eb(model, prompt, gen_length, block_length, gamma, mask):
+    """Entropy-bounded unmasking, full forwards: per step, the block's masked positions in
+    decreasing confidence are unmasked while their summed entropy stays ≤ gamma (at least one);
+    a block is given up after block_length forwards."""
+    n = len(prompt)
+    x = torch.full((1, n + gen_length), mask, dtype=torch.long)
+    x[0, :n] = torch.tensor(prompt)
+    nfe = 0
+    for b in range(gen_length // block_length):
+        lo, hi = n + b * block_length, n + (b + 1) * block_length
+        forwards = 0
+        while bool((x[0, lo:hi] == mask).any()) and forwards < block_length:
+            logits = model(x).logits[0, lo:hi]
+            forwards += 1
+            nfe += 1
+            p = F.softmax(logits.double(), dim=-1)
+            x0 = logits.argmax(-1)
+            conf = p.gather(-1, x0[:, None])[:, 0]
+            ent = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1)
+            masked = [j for j in range(hi - lo) if x[0, lo + j] == mask]
+            chosen, total = [], 0.0
+            for j in sorted(masked, key=lambda j: -float(conf[j])):
+                if chosen and total + float(ent[j]) > gamma:
+                    break
+                chosen.append(j)
+                total += float(ent[j])
+            for j in chosen:
+                x[0, lo + j] = x0[j]
+    return x, nfe
+
+
+@torch.no_grad()
+def naive_wino(model, prompt, gen_length, block_length, t_draft, t_verify, mask):
+    """WINO-style decoding, per step: one forward of the sequence plus a masked copy of the
+    block (copy j sees every token but position j's); draft each masked position with
+    confidence ≥ t_draft (at least the most confident), and re-mask each earlier draft whose
+    copy gives it probability < t_verify. A block is given up after 2 × block_length forwards."""
+    n = len(prompt)
+    x = torch.full((1, n + gen_length), mask, dtype=torch.long)
+    x[0, :n] = torch.tensor(prompt)
+    nfe = remasked = 0
+    for b in range(gen_length // block_length):
+        lo, hi = n + b * block_length, n + (b + 1) * block_length
+        width, length = hi - lo, x.shape[1]
+        forwards = 0
+        while bool((x[0, lo:hi] == mask).any()) and forwards < 2 * block_length:
+            ext = torch.cat((x, torch.full((1, width), mask)), 1)
+            pos = torch.tensor([list(range(length)) + list(range(lo, hi))])
+            allowed = torch.zeros(1, length + width, length + width, dtype=torch.bool)
+            allowed[0, :, :length] = True
+            for j in range(width):
+                allowed[0, length + j, length + j] = True
+                allowed[0, length + j, lo + j] = False
+            logits = model(ext, attention_mask=allowed, position_ids=pos).logits[0]
+            forwards += 1
+            nfe += 1
+            before = x[0, lo:hi].clone()
+            p = F.softmax(logits[lo:hi].double(), dim=-1)
+            x0 = logits[lo:hi].argmax(-1)
+            conf = p.gather(-1, x0[:, None])[:, 0]
+            masked = [j for j in range(width) if before[j] == mask]
+            best = max(masked, key=lambda j: float(conf[j]))
+            for j in masked:
+                if j == best or conf[j] >= t_draft:
+                    x[0, lo + j] = x0[j]
+            shadow = F.softmax(logits[length:].double(), dim=-1)
+            for j in range(width):
+                if before[j] != mask and shadow[j, before[j]] < t_verify:
+                    x[0, lo + j] = mask
+                    remasked += 1
+    return x, nfe, remasked
+
+
+@pytest.mark.parametrize("gamma", [0.01, 1.0, 3.0])
+def test_entropy_bounded_equals_naive_transcription(gamma, model, fixture_model):
+    cases = [(model, [[3, 9, 4, 1, 7], [5, 2]], MASK),
+             (fixture_model, FX_PROMPTS[:2], FX_MASK)]
+    parallel = False
+    for model, prompts, mask in cases:
+        for prompt in prompts:
+            ref, nfe = naive_eb(model, prompt, 16, 8, gamma, mask)
+            out = decode(model, [prompt], 16, EntropyBoundedPolicy(8, gamma, cache="none"),
+                         stop_at_eos=False)
+            assert torch.equal(out.sequences, ref) and out.nfe == [nfe]
+            parallel |= out.mean_tokens_per_step > 1
+    assert parallel == (gamma > 0.01)
+
+
+@pytest.mark.parametrize("t_draft,t_verify", [(0.0, 0.5), (0.3, 0.9), (0.9, 0.9)])
+def test_wino_equals_naive_transcription(t_draft, t_verify, fixture_model):
+    cases = [(make_model(scale=30.0, seed=1), [[3, 9, 4, 1, 7], [5, 2]], MASK),
+             (fixture_model, FX_PROMPTS[:2], FX_MASK)]
+    revoked = 0
+    for model, prompts, mask in cases:
+        for prompt in prompts:
+            ref, nfe, remasked = naive_wino(model, prompt, 16, 8, t_draft, t_verify, mask)
+            out = decode(model, [prompt], 16, WinoPolicy(8, t_draft, t_verify),
+                         stop_at_eos=False)
+            assert torch.equal(out.sequences, ref)
+            assert out.nfe == [nfe] and out.remasked == [remasked]
+            revoked += remasked
+    if t_draft < t_verify:
+        assert revoked > 0  # the narrow-out path is exercised
+
+
+def test_entropy_bound_selection_rule():
+    conf = torch.tensor([[0.9, 0.5, 0.8, 0.7]], dtype=torch.float64)
+    cand = torch.tensor([[True, True, True, True]])
+    ent = torch.tensor([[0.1, 0.05, 0.2, 0.3]], dtype=torch.float64)
+    from toolkit.dllm.peer_policies import select_entropy_bounded
+
+    # Confidence order 0, 2, 3, 1; cumulative entropy 0.1, 0.3, 0.6, 0.65.
+    assert select_entropy_bounded(conf, cand, ent, 0.35).tolist() == [[True, False, True, False]]
+    assert select_entropy_bounded(conf, cand, ent, 0.0).tolist() == [[True, False, False, False]]
+    assert select_entropy_bounded(conf, cand, ent, 1.0).all()

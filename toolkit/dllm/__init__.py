@@ -4,13 +4,15 @@
   prefix and dual KV caches.
 * :mod:`.decoding`: :func:`decode` (batching, early stop at EOS, accounting) and
   :func:`compare`.
-* :mod:`.policies`: ``llada`` (reference), ``fastdllm`` (threshold/factor, prefix/dual cache)
-  and ``adaptive`` (the seed's self-correcting scheduler, with :data:`PRESETS`).
+* :mod:`.policies`: ``llada`` (the published sampler), ``fastdllm`` (threshold/factor,
+  prefix/dual cache) and ``adaptive`` (the seed's self-correcting scheduler, with
+  :data:`PRESETS`); :mod:`.peer_policies`: ``eb`` (entropy-bounded) and ``wino`` (revocable).
 * :mod:`.seed_api`: the seed's function and class names over the same loop.
 """
 
 from toolkit.dllm.decoding import DecodeResult, compare, decode
 from toolkit.dllm.llada_model import KVCache, LLaDAConfig, LLaDAModelLM, LLaDAOutput
+from toolkit.dllm.peer_policies import EntropyBoundedPolicy, WinoPolicy
 from toolkit.dllm.policies import (
     POLICIES,
     PRESETS,
@@ -33,6 +35,7 @@ from toolkit.dllm.seed_api import (
 
 __all__ = [
     "POLICIES", "PRESETS", "AdaptiveInferenceScheduler", "AdaptivePolicy", "DecodeResult",
+    "EntropyBoundedPolicy", "WinoPolicy",
     "FastDLLMPolicy", "KVCache", "LLaDAConfig", "LLaDAModelLM", "LLaDAOutput", "LLaDAPolicy",
     "Plan", "Policy", "RowState", "TieredCacheManager", "compare", "compare_generation_methods",
     "decode", "generate_adaptive", "generate_with_adaptive_scheduling",

@@ -67,6 +67,7 @@ class DecodeResult:
     stopped_at_eos: list[bool]
     stalled: list[bool]
     masks_left: list[int]
+    remasked: list[int]
     commit_nfe: Tensor
     wall_time_s: float
 
@@ -184,6 +185,7 @@ class _Decoder:
         self.tokens_per_step: list[list[int]] = [[] for _ in range(b)]
         self.computed, self.cached = [0] * b, [0] * b
         self.stopped = [False] * b
+        self.remasked = [0] * b
         self.commit_nfe = torch.zeros(b, gen_length, dtype=torch.long, device=device)
 
     # -- forwards ---------------------------------------------------------------------------
@@ -215,6 +217,29 @@ class _Decoder:
             self.cache = KVCache.empty_like(new, self.b)
         self.cache.write_rows(rows, new)
 
+    def _shadow_logits(self, rows: Tensor, span: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """One forward of the rows plus a masked copy of answer ``span`` (WINO's shadow block).
+
+        The copy holds mask tokens at the span's positions; copy j sees every real token of
+        the sequence except its original (and itself), and nothing sees the copy, so the
+        sequence's own logits are those of a plain forward and copy j predicts position j
+        from its context without the token drafted there. Returns (sequence, copy) logits.
+        """
+        x, am, pos = self.x[rows], self.am[rows], self.pos[rows]
+        n, length = x.shape
+        lo, hi = self.p + span[0], self.p + span[1]
+        width = hi - lo
+        ext = torch.cat((x, torch.full((n, width), self.mask_id, dtype=x.dtype,
+                                       device=self.device)), 1)
+        ext_pos = torch.cat((pos, pos[:, lo:hi]), 1)
+        keys = torch.cat((am, torch.zeros(n, width, dtype=torch.bool, device=self.device)), 1)
+        pair = keys[:, None, :].repeat(1, length + width, 1)
+        j = torch.arange(width, device=self.device)
+        pair[:, length + j, length + j] = True
+        pair[:, length + j, lo + j] = False
+        logits = self.model(ext, attention_mask=pair, position_ids=ext_pos).logits
+        return logits[:, :length], logits[:, length:]
+
     def _cached_logits(self, rows: Tensor, cols: Tensor) -> Tensor:
         assert self.cache is not None, "a cached forward was planned before any cache existed"
         whole = rows.numel() == self.b
@@ -229,7 +254,12 @@ class _Decoder:
     # -- one step for the rows sharing a plan ------------------------------------------------
     def _run_group(self, plan: Plan, row_ids: list[int]) -> None:
         rows = torch.tensor(row_ids, device=self.device)
-        if plan.full:
+        shadow_logits = None
+        if plan.shadow is not None:
+            cols = torch.arange(self.seq_len, device=self.device)
+            logits, shadow_logits = self._shadow_logits(rows, plan.shadow)
+            self.batch_full += 1
+        elif plan.full:
             cols = torch.arange(self.seq_len, device=self.device)
             logits = self._full_logits(rows, plan.store_cache)
             self.batch_full += 1
@@ -266,15 +296,19 @@ class _Decoder:
             conf = self._draw(row_ids, noise_offset, cols.numel(), c0, c1, None)
         else:
             conf = prob
-        commit = self.policy.select(states, conf, cand) & cand
+        entropy = torch.full((len(row_ids),), math.nan, dtype=torch.float64)
+        ent = None
+        if self.policy.needs_entropy:
+            # entr(p) = -p·log p with entr(0) = 0 (an excluded mask token has p = 0).
+            ent = torch.special.entr(logp.exp()).sum(-1)
+            mean = (ent * cand).sum(-1) / cand.sum(-1).clamp(min=1)
+            entropy = torch.where(cand.any(-1), mean, entropy.to(mean.device))
+        commit = self.policy.select(states, conf, cand, ent) & cand
         self.x[rows[:, None], span_cols[None, :]] = torch.where(commit, pred, tokens[:, c0:c1])
         # A committed mask-token prediction leaves the position masked: not a committed token.
         commit = commit & (pred != self.mask_id)
-        entropy = torch.full((len(row_ids),), math.nan, dtype=torch.float64)
-        if self.policy.needs_entropy:
-            ent = -(logp.exp() * logp).sum(-1)
-            mean = (ent * cand).sum(-1) / cand.sum(-1).clamp(min=1)
-            entropy = torch.where(cand.any(-1), mean, entropy.to(mean.device))
+        if shadow_logits is not None:
+            self._revoke(rows, row_ids, states, plan.shadow, tokens, shadow_logits)
         n_commit = commit.sum(-1).tolist()
         conf_sum = (prob * commit).sum(-1).tolist()
         n_real = n_real.tolist()
@@ -284,7 +318,8 @@ class _Decoder:
                 self.nfe_full[r] += cost
             else:
                 self.nfe_cached[r] += 1
-            self.computed[r] += cost * n_real[i]
+            self.computed[r] += cost * n_real[i] + (shadow_logits.shape[1]
+                                                    if shadow_logits is not None else 0)
             self.cached[r] += cost * (self.lengths[r] + self.gen - n_real[i])
             self.tokens_per_step[r].append(n_commit[i])
             self.policy.observe(self.states[r], n_commit[i], conf_sum[i], float(entropy[i]))
@@ -293,6 +328,26 @@ class _Decoder:
         ans = span_cols - self.p
         self.commit_nfe[rows[:, None], ans[None, :]] = torch.where(
             commit, step_no[:, None], self.commit_nfe[rows[:, None], ans[None, :]])
+
+    def _revoke(self, rows: Tensor, row_ids: list[int], states: list, span: tuple[int, int],
+                tokens: Tensor, shadow_logits: Tensor) -> None:
+        """Re-mask the drafted tokens of ``span`` that the policy no longer trusts.
+
+        ``tokens`` are the rows' tokens before this step's commits: every unmasked position of
+        the span was drafted earlier and is verified by its shadow copy's probability of it.
+        """
+        lo, hi = self.p + span[0], self.p + span[1]
+        before = tokens[:, lo:hi]
+        drafted = before != self.mask_id
+        if self.policy.exclude_mask_token and self.mask_id < shadow_logits.shape[-1]:
+            shadow_logits[..., self.mask_id] = -math.inf
+        vprob = torch.softmax(shadow_logits.double(), -1).gather(-1, before[..., None])[..., 0]
+        remask = self.policy.verify(states, vprob, drafted) & drafted
+        self.x[rows, lo:hi] = torch.where(remask, self.mask_id, self.x[rows, lo:hi])
+        ans = slice(span[0], span[1])
+        self.commit_nfe[rows, ans] = torch.where(remask, 0, self.commit_nfe[rows, ans])
+        for i, r in enumerate(row_ids):
+            self.remasked[r] += int(remask[i].sum())
 
     def _draw(self, row_ids: list[int], offset: Tensor, width: int, c0: int, c1: int,
               vocab: int | None) -> Tensor:
@@ -376,7 +431,8 @@ def decode(model: Any, prompts: list[list[int]] | Tensor, gen_length: int,
         prompts: Token-id lists (any lengths; left-padded here) or an unpadded ``(B, L)``
             tensor.
         gen_length: Answer length in tokens.
-        policy: A :class:`Policy` or the name of one (``llada``, ``fastdllm``, ``adaptive``).
+        policy: A :class:`Policy` or the name of one (``llada``, ``fastdllm``, ``adaptive``,
+            ``eb``, ``wino``).
         mask_id: Mask token id; default the model config's ``mask_token_id``.
         eos_id: EOS id for the early stop; default the config's ``eos_token_id``.
         pad_id: Left-padding id (never attended); default the config's ``pad_token_id``, else
@@ -415,6 +471,9 @@ def decode(model: Any, prompts: list[list[int]] | Tensor, gen_length: int,
         raise DecodeInputError(f"prompt of {longest} tokens + gen_length {gen_length} = "
                          f"{longest + gen_length} exceeds the model's context of {context} "
                          "tokens (max_sequence_length)")
+    if policy.uses_shadow and (cfg_scale > 0 or not getattr(model, "supports_kv_cache", False)):
+        raise DecodeInputError(f"policy {policy.name} needs an LLaDAModelLM (a (B, T, T) "
+                               "attention mask for its shadow block) and cfg_scale 0")
     if cfg_scale > 0 and policy.uses_cache:
         raise DecodeInputError(f"cfg_scale > 0 needs a policy without a KV cache; {policy.name} uses "
                          "one (choose cache='none' or the llada policy)")
@@ -449,5 +508,6 @@ def decode(model: Any, prompts: list[list[int]] | Tensor, gen_length: int,
         positions_computed=dec.computed, positions_cached=dec.cached,
         answer_tokens=answer_tokens, stopped_at_eos=dec.stopped,
         stalled=[st.stalled for st in dec.states], masks_left=masks_left,
+        remasked=dec.remasked,
         commit_nfe=dec.commit_nfe,
         wall_time_s=wall)

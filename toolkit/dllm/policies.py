@@ -57,11 +57,14 @@ class Plan:
         spans: For a cached forward, the answer spans whose tokens are recomputed (queries and
             fresh K/V); every other slot is read from the cache.
         store_cache: For a full forward, keep its K/V as the row's cache.
+        shadow: For a full forward, also run a masked copy of this answer span whose
+            predictions verify the tokens drafted there (see :meth:`Policy.verify`).
     """
 
     full: bool
     spans: tuple[Span, ...] = ()
     store_cache: bool = False
+    shadow: Span | None = None
 
 
 @dataclass
@@ -142,6 +145,7 @@ class Policy(ABC):
 
     name: ClassVar[str] = ""
     needs_entropy: ClassVar[bool] = False
+    uses_shadow: ClassVar[bool] = False
     #: See the module docstring; every concrete policy declares it as a field.
     exclude_mask_token: bool = False
 
@@ -179,8 +183,17 @@ class Policy(ABC):
         """The forward this row needs now. Called exactly once per step and row."""
 
     @abstractmethod
-    def select(self, states: list[RowState], conf: Tensor, cand: Tensor) -> Tensor:
-        """Which candidates (``cand``, ``(R, C)`` bool) to commit, given ``conf`` ``(R, C)``."""
+    def select(self, states: list[RowState], conf: Tensor, cand: Tensor,
+               entropy: Tensor | None = None) -> Tensor:
+        """Which candidates (``cand``, ``(R, C)`` bool) to commit, given ``conf`` ``(R, C)``
+        and, for policies with ``needs_entropy``, each position's entropy (nats)."""
+
+    def verify(self, states: list[RowState], conf: Tensor, drafted: Tensor) -> Tensor:
+        """Which drafted tokens to re-mask, given their shadow copies' probabilities.
+
+        Called only for plans with a ``shadow`` span; the default keeps every token.
+        """
+        return torch.zeros_like(drafted)
 
     def observe(self, st: RowState, committed: int, conf_sum: float, entropy: float) -> None:
         """Record one step: tokens committed, their summed confidence, candidates' entropy."""
@@ -290,7 +303,8 @@ class LLaDAPolicy(Policy):
     def plan(self, st: RowState) -> Plan:
         return Plan(full=True)
 
-    def select(self, states: list[RowState], conf: Tensor, cand: Tensor) -> Tensor:
+    def select(self, states: list[RowState], conf: Tensor, cand: Tensor,
+               entropy: Tensor | None = None) -> Tensor:
         k = [s.schedule[s.step_in_block] for s in states]
         return select_top_k(conf, cand, torch.tensor(k, device=conf.device))
 
@@ -349,7 +363,8 @@ class FastDLLMPolicy(_CachedBlockPolicy):
     def plan(self, st: RowState) -> Plan:
         return self._block_cache_plan(st)
 
-    def select(self, states: list[RowState], conf: Tensor, cand: Tensor) -> Tensor:
+    def select(self, states: list[RowState], conf: Tensor, cand: Tensor,
+               entropy: Tensor | None = None) -> Tensor:
         if self.factor is not None:
             return select_factor(conf, cand, self.factor)
         tau = torch.full((conf.shape[0],), self.threshold, dtype=conf.dtype, device=conf.device)
@@ -458,7 +473,8 @@ class AdaptivePolicy(_CachedBlockPolicy):
             spans += st.stable + [(st.block_end, st.gen_length)]
         return Plan(full=False, spans=_merge(spans))
 
-    def select(self, states: list[RowState], conf: Tensor, cand: Tensor) -> Tensor:
+    def select(self, states: list[RowState], conf: Tensor, cand: Tensor,
+               entropy: Tensor | None = None) -> Tensor:
         tau = torch.tensor([s.tau for s in states], dtype=conf.dtype, device=conf.device)
         return select_threshold(conf, cand, tau)
 
@@ -501,8 +517,13 @@ class AdaptivePolicy(_CachedBlockPolicy):
             st.block_size = b
 
 
+# The peers live in their own module, which builds on this one (the package imports this
+# module first, so the cycle resolves).
+from toolkit.dllm.peer_policies import EntropyBoundedPolicy, WinoPolicy  # noqa: E402
+
 POLICIES: dict[str, type[Policy]] = {
     "llada": LLaDAPolicy, "fastdllm": FastDLLMPolicy, "adaptive": AdaptivePolicy,
+    "eb": EntropyBoundedPolicy, "wino": WinoPolicy,
 }
 
 
