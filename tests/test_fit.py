@@ -24,9 +24,9 @@ def fit_run(tmp_path_factory):
     return Path(line.split(": ", 1)[1].strip())
 
 
-def test_fit_writes_checkpoint_onnx_tensorboard(fit_run):
+def test_fit_writes_checkpoint_onnx_tensorboard(fit_run, runs_root):
     run = fit_run
-    assert run.is_relative_to(REPO / "runs" / "fit" / "fit")
+    assert run.is_relative_to(runs_root / "fit" / "fit")
     assert (run / "config.yaml").is_file()
     assert list(run.glob("events.out.tfevents.*"))
     ckpts = sorted((run / "checkpoints").glob("*.ckpt"))
@@ -43,6 +43,10 @@ def test_fit_writes_checkpoint_onnx_tensorboard(fit_run):
         assert tag in tags, f"{tag} not logged; have {sorted(tags)}"
     ckpt = torch.load(next(p for p in ckpts if "best" in p.name), weights_only=True)
     assert ckpt["feature_schema"]["name"] == "topk"
+    # last.ckpt is the final state (epoch 2 of 3), whichever epoch was best: staged training
+    # restarts from it.
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] >= ckpt["global_step"]
 
 
 def test_onnx_runtime_refuses_wrong_schema_and_bad_files(fit_run, tmp_path):

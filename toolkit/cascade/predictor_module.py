@@ -163,16 +163,17 @@ def train_quality_predictor(features: np.ndarray, targets: np.ndarray, schema: s
     # One thread: a few-thousand-row MLP gains nothing from more, and on a busy machine extra
     # intra-op threads make it many times slower; it also fixes the summation order.
     torch.set_num_threads(1)
+    # Replay runs inside Trainer.test, which disables autograd (inference mode); the model must
+    # be built and fitted with it back on.
     try:
-        torch.manual_seed(seed)
-        module = QualityPredictor(schema=schema, num_stages=num_stages, **hparams)
-        x = torch.from_numpy(np.asarray(features, dtype=np.float32))
-        y = torch.from_numpy(np.asarray(targets, dtype=np.float32))
-        module.set_feature_stats(x.mean(0), x.std(0))
-        opt = module.configure_optimizers()
-        module.train()
-        # Replay runs inside Trainer.test, which disables autograd; this fit needs it back.
         with torch.inference_mode(False), torch.enable_grad():
+            torch.manual_seed(seed)
+            module = QualityPredictor(schema=schema, num_stages=num_stages, **hparams)
+            x = torch.from_numpy(np.asarray(features, dtype=np.float32))
+            y = torch.from_numpy(np.asarray(targets, dtype=np.float32))
+            module.set_feature_stats(x.mean(0), x.std(0))
+            opt = module.configure_optimizers()
+            module.train()
             for _ in range(steps):
                 opt.zero_grad()
                 module._loss(module.net((x - module.feat_mean) / module.feat_std), y).backward()

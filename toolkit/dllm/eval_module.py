@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from toolkit.dllm.decoding import decode
@@ -36,7 +36,8 @@ from toolkit.dllm.tasks_data import (
     make_problems,
     score,
 )
-from toolkit.evaluation.results import collect_rows, metric, write_results
+from toolkit.evaluation.harness import EvaluationModule
+from toolkit.evaluation.results import RunReport, metric
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -178,7 +179,7 @@ def _resolve(path: str) -> Path:
     return p if p.is_absolute() or p.exists() else REPO / p
 
 
-class DiffusionDecodeEval(LightningModule):
+class DiffusionDecodeEval(EvaluationModule):
     """Decode held-out problems with one policy from a ``cli.py fit`` checkpoint.
 
     Args:
@@ -199,7 +200,6 @@ class DiffusionDecodeEval(LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.policy = make_policy(policy, **(policy_args or {}))
-        self.rows: list[dict[str, Any]] = []
         self.net: torch.nn.Module | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -263,11 +263,7 @@ class DiffusionDecodeEval(LightningModule):
         cfg.max_sequence_length = max(cfg.max_sequence_length, need)
         return True
 
-    def on_test_epoch_end(self) -> None:
-        rows_sorted, run_dir = collect_rows(self.rows, self.trainer)
-        self.rows = []
-        if rows_sorted is None:
-            return
+    def build_report(self, rows_sorted: list[dict[str, Any]]) -> RunReport:
         hp, dm = self.hparams, self.trainer.datamodule
         metrics = summarise(rows_sorted)
         families = sorted({r["family"] for r in rows_sorted})
@@ -297,25 +293,10 @@ class DiffusionDecodeEval(LightningModule):
         data = {"name": "reasoning-gym families (toolkit.dllm.tasks_data)",
                 "split": dm.hparams.split, "families": dict(dm.gen_lengths)}
         timings = {"load_s": self.load_s, "decode_s": float(sum(r["wall_s"] for r in rows_sorted))}
-        write_results(run_dir, hp.method, metrics, rows_sorted, dict(hp), hp.seed, models, data,
-                      timings, extra)
-        self._plots(run_dir, rows_sorted, metrics)
-        for k, v in metrics.items():
-            if isinstance(v, dict) and v.get("value") is not None:
-                self.log(f"test/{hp.method}/{k}", float(v["value"]), rank_zero_only=True)
-        print(f"results: {run_dir / 'results.json'}")
+        return RunReport(hp.method, metrics, rows_sorted, dict(hp), hp.seed, models, data,
+                         timings, extra)
 
-    def _plots(self, run_dir: Path, rows: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
-        import matplotlib.pyplot as plt
-
-        (run_dir / "plots").mkdir(parents=True, exist_ok=True)
-        figs = {"nfe_over_answer": nfe_over_answer_plot(rows, self.hparams.plot_examples,
+    def figures(self, rows: list[dict[str, Any]], report: RunReport) -> dict[str, Any]:
+        return {"nfe_over_answer": nfe_over_answer_plot(rows, self.hparams.plot_examples,
                                                         self.hparams.method),
-                "accuracy_vs_nfe": accuracy_vs_nfe_plot(metrics, self.hparams.method)}
-        for name, fig in figs.items():
-            fig.savefig(run_dir / "plots" / f"{name}.png", dpi=110)
-            for logger in self.trainer.loggers:
-                if hasattr(logger.experiment, "add_figure"):
-                    logger.experiment.add_figure(f"test/{self.hparams.method}/{name}", fig)
-            plt.close(fig)
-
+                "accuracy_vs_nfe": accuracy_vs_nfe_plot(report.metrics, self.hparams.method)}

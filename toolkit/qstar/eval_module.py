@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from toolkit.evaluation.results import collect_rows, metric, write_results
+from toolkit.evaluation.harness import EvaluationModule, pyplot
+from toolkit.evaluation.results import RunReport, metric
 from toolkit.generation.base import DecodingConfig, GenerationRequest
 
 METHODS = {"qstar": "kl_symmetry", "qstar-fixed": "fixed", "qstar-entropy": "entropy",
@@ -63,7 +64,7 @@ class QStarTaskDataModule(LightningDataModule):
         return DataLoader(list(range(len(self.examples))), batch_size=self.hparams.batch_size)
 
 
-class QStarEval(LightningModule):
+class QStarEval(EvaluationModule):
     """Generate with one method on the DataModule's task and score against ground truth.
 
     Args:
@@ -164,26 +165,17 @@ class QStarEval(LightningModule):
         if self.store is not None:
             self.store.append(self.rows[-len(outs):])
 
-    def on_test_epoch_end(self) -> None:
-        ordered, run_dir = collect_rows(self.rows, self.trainer)
-        self.rows = []
-        if ordered is None:
-            return
-        per_token = [r.pop("_tokens") for r in ordered]
-        metrics = self._metrics(ordered)
+    def build_report(self, rows: list[dict[str, Any]]) -> RunReport:
+        # Per-token values feed the plot only; they stay out of examples.jsonl.
+        self.per_token = [r.pop("_tokens") for r in rows]
         dm = self.trainer.datamodule
         config = {**dict(self.hparams), "decoding": self.decoding.__dict__,
                   "data": dict(dm.hparams)}
-        write_results(run_dir, self.hparams.method, metrics, ordered, config, self.hparams.seed,
-                      self.models, {"name": dm.hparams.task, "split": "test"},
-                      {"load_s": self.load_s,
-                       "generate_s": float(sum(r["wall_share"] for r in ordered))})
-        self._plot(run_dir, per_token)
-        for k, v in metrics.items():
-            if isinstance(v, dict) and "value" in v:
-                self.log(f"test/{self.hparams.method}/{k}", float(v["value"]),
-                         rank_zero_only=True)
-        print(f"results: {run_dir / 'results.json'}")
+        return RunReport(self.hparams.method, self._metrics(rows), rows, config,
+                         self.hparams.seed, self.models, {"name": dm.hparams.task,
+                                                          "split": "test"},
+                         {"load_s": self.load_s,
+                          "generate_s": float(sum(r["wall_share"] for r in rows))})
 
     def _metrics(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         scored = [r["correct"] for r in rows if r["correct"] is not None]
@@ -202,17 +194,13 @@ class QStarEval(LightningModule):
                 out[key] = metric(values)
         return out
 
-    def _plot(self, run_dir: Path, per_token: list[dict[str, list[float]]]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def figures(self, rows: list[dict[str, Any]], report: RunReport) -> dict[str, Any]:
+        per_token = self.per_token
         values = {k: np.concatenate([p.get(k, []) for p in per_token] or [[]])
                   for k in ("alpha", "kl_theta", "kl_t")}
         if not len(values["alpha"]):
-            return  # single-model methods: nothing mixed, nothing to plot
-        (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+            return {}  # single-model methods: nothing mixed, nothing to plot
+        plt = pyplot()
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
         a1.hist(values["alpha"], bins=40, range=(0, 1), color="tab:blue")
         a1.axvspan(0.2, 0.8, color="tab:green", alpha=0.1, label="seed: α in [0.2, 0.8]")
@@ -228,8 +216,4 @@ class QStarEval(LightningModule):
         fig.suptitle(f"{self.hparams.method}: {len(values['alpha'])} tokens, "
                      f"{len(per_token)} problems")
         fig.tight_layout()
-        fig.savefig(run_dir / "plots" / "alpha_kl.png", dpi=110)
-        for logger in self.trainer.loggers:
-            if hasattr(logger.experiment, "add_figure"):
-                logger.experiment.add_figure(f"test/{self.hparams.method}/alpha_kl", fig)
-        plt.close(fig)
+        return {"alpha_kl": fig}
