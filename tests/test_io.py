@@ -228,3 +228,44 @@ def test_second_resumable_qstar_evaluation_is_refused(tmp_path, tiny_lm, tiny_lm
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert any(f"pid {proc.pid}" in line and "qstar-entropy.rows.jsonl" in line for line in err)
+
+
+@pytest.mark.slow
+def test_two_label_commands_on_one_output(tmp_path, tiny_lm, tiny_lm_b):
+    """The issue's case through the real CLI: the second `label` is refused, rows stay single."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.conftest import REPO
+    from toolkit.cascade.labelling import summarize
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + {i}?",
+                                           "answer": str(2 * i)}) + "\n" for i in range(12)))
+    cfg = tmp_path / "label.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "stages": [{"model": str(tiny_lm)}, {"model": str(tiny_lm_b)}],
+        "tasks": [{"name": str(prompts), "options": {}}], "decoding": {"max_new_tokens": 48},
+        "out_dir": str(tmp_path / "out"), "batch_size": 2, "chunk_size": 2, "threads": 1}))
+    cmd = [sys.executable, "cli.py", "label", "--config", str(cfg)]
+    first = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    lock = tmp_path / "out" / "prompts" / f"stage0-{tiny_lm.name}.jsonl.lock"
+    deadline = time.monotonic() + 240
+    while first.poll() is None and time.monotonic() < deadline and not (
+            lock.exists() and lock.read_text().strip() == str(first.pid)):
+        time.sleep(0.1)
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.poll() is None, "the first run ended before the second started"
+    assert second.returncode == 2
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"pid {first.pid}" in lines[0], second.stderr[-2000:]
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-3000:]
+    for f in (tmp_path / "out" / "prompts").glob("stage*.jsonl"):
+        ids = [r["id"] for r in read_jsonl(f)]
+        assert len(ids) == len(set(ids)) == 12
+    assert summarize(tmp_path / "out").count("| 12 |") == 2
