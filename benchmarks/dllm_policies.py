@@ -13,16 +13,29 @@ mean NFE (with the lower bound ceil(L_eff/B) beside it), wall time and answer to
 second (after one untimed warm-up problem per policy), and the ratios the issue asks for:
 NFE fastdllm / adaptive (goal ≥ 1.3 at equal or better accuracy) and wall llada / fastdllm
 and llada / adaptive (goal ≥ 5, at the same gen length).
+
+    python benchmarks/dllm_policies.py --sweep [--n 50]
+
+The curve instead of one point: each policy's knob is swept (τ for fastdllm, the entropy bound
+γ for eb, presets and the starting τ for adaptive, the draft/verify thresholds for wino) on
+the same held-out problems, at batch 1 and batch 8, with llada (steps = gen_length) as the
+reference. Reports accuracy against tokens per forward (TPF = Σ answer tokens / Σ NFE), each
+policy's accuracy under parallelism (AUP, ``toolkit/dllm/curve.py``), the Pareto front over all
+points, and wall time against llada at each batch size; writes ``sweep.json`` and
+``accuracy_vs_tpf.png`` to ``runs/bench/dllm_policies/<UTC stamp>/``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 
 import numpy as np
 import torch
 
+from toolkit.common.paths import run_folder
+from toolkit.dllm.curve import accuracy_under_parallelism, pareto_front
 from toolkit.dllm.eval_module import decode_problems
 from toolkit.dllm.policies import make_policy
 from toolkit.dllm.tasks_data import get_family, make_problems
@@ -43,7 +56,140 @@ POLICIES = {
     # Control for the creative preset, which starts at τ 0.7: is its gain the adaptation, or
     # only the lower threshold? A static Fast-dLLM at the same τ answers that.
     "fastdllm-tau0.7": ("fastdllm", {"block_length": 32, "threshold": 0.7, "cache": "prefix"}),
+    # Training-free peers (toolkit/dllm/peer_policies.py) at their default knobs.
+    "eb": ("eb", {"block_length": 32, "gamma": 0.1, "cache": "prefix"}),
+    "wino": ("wino", {"block_length": 32, "draft_threshold": 0.6, "verify_threshold": 0.9}),
 }
+
+
+SWEEP: dict[str, list[tuple[str, dict]]] = {
+    "fastdllm": [(f"tau {t}", {"threshold": t, "cache": "prefix"})
+                 for t in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)],
+    "eb": [(f"gamma {g}", {"gamma": g, "cache": "prefix"}) for g in (0.01, 0.03, 0.1, 0.3, 1, 3)],
+    "adaptive": [(f"preset {p}", {"preset": p}) for p in ("math", "code", "creative")]
+    + [(f"tau {t}", {"base_threshold": t, "min_threshold": min(0.7, t),
+                     "max_threshold": max(0.95, t)}) for t in (0.6, 0.9, 0.97)],
+    "wino": [(f"draft {d} verify {v}", {"draft_threshold": d, "verify_threshold": v})
+             for d, v in ((0.3, 0.7), (0.5, 0.8), (0.6, 0.9), (0.7, 0.95), (0.8, 0.99))],
+}
+
+
+def _policy(kind: str, kw: dict, gen: int):
+    args = dict(kw)
+    if kind == "llada":
+        args["steps"] = gen  # one token per step, as Fast-dLLM's baseline
+    if kind in ("llada", "fastdllm", "eb", "wino"):
+        args["block_length"] = min(args.get("block_length", 32), gen)
+    return make_policy(kind, **args)
+
+
+def _run_point(model, tok, problems: dict, kind: str, kw: dict, batch: int) -> dict:
+    """Decode every family's problems with one policy setting; pooled statistics."""
+    rows = []
+    for gen, probs in problems.values():
+        policy = _policy(kind, kw, gen)
+        with torch.inference_mode():
+            decode_problems(model, tok, probs[:batch], policy, gen, batch_size=batch)  # warm-up
+            t0 = time.perf_counter()
+            fam_rows = decode_problems(model, tok, probs, policy, gen, batch_size=batch)
+            wall = time.perf_counter() - t0
+        for r in fam_rows:
+            r["wall_s"] = wall / len(fam_rows)
+        rows += fam_rows
+    return {"accuracy": 100.0 * float(np.mean([r["correct"] for r in rows])),
+            "tpf": float(np.sum([r["answer_tokens"] for r in rows]))
+            / float(np.sum([r["nfe"] for r in rows])),
+            "nfe": float(np.mean([r["nfe"] for r in rows])),
+            "stalled": float(np.mean([r["stalled"] for r in rows])),
+            "wall_s": float(np.sum([r["wall_s"] for r in rows])),
+            "correct": [r["correct"] for r in rows]}
+
+
+def sweep(a: argparse.Namespace, model, tok, meta: dict) -> None:
+    problems = {}
+    for fam in a.families:
+        gen = get_family(fam).gen_length
+        problems[fam] = (gen, make_problems(fam, "test", a.n, seed=meta.get("data_seed", 0),
+                                            tokenizer=tok, gen_length=gen))
+    grid = [("llada", "steps = gen_length", "llada", {})]
+    grid += [(name, label, name, kw) for name, pts in SWEEP.items() for label, kw in pts]
+    points = []
+    for name, label, kind, kw in grid:
+        point = {"policy": name, "knob": label, "args": kw}
+        for batch in a.batches:
+            res = _run_point(model, tok, problems, kind, kw, batch)
+            point[f"b{batch}"] = res
+        first = point[f"b{a.batches[0]}"]
+        # Greedy decoding of a row does not depend on its batch (tests/test_dllm_decoding.py):
+        # accuracy and NFE are the same at every batch size; only the wall time differs.
+        point["batch_mismatches"] = sum(
+            sum(x != y for x, y in zip(first["correct"], point[f"b{b}"]["correct"]))
+            for b in a.batches[1:])
+        points.append(point)
+        print(f"{name:9} {label:22} acc {first['accuracy']:5.1f}%  TPF {first['tpf']:5.2f}  "
+              + "  ".join(f"wall b{b} {point[f'b{b}']['wall_s']:6.1f}s" for b in a.batches),
+              flush=True)
+    report(a, points)
+
+
+def report(a: argparse.Namespace, points: list[dict]) -> None:
+    b0 = f"b{a.batches[0]}"
+    xy = [(p[b0]["tpf"], p[b0]["accuracy"]) for p in points]
+    front = set(pareto_front(xy))
+    y_max = max(y for _, y in xy)
+    ref = points[0]
+    aup = {name: accuracy_under_parallelism([xy[i] for i, p in enumerate(points)
+                                             if p["policy"] == name], y_max)
+           for name in dict.fromkeys(p["policy"] for p in points)}
+    n = len(a.families) * a.n
+    print(f"\n{n} held-out problems ({a.n} per family), greedy, threads "
+          f"{torch.get_num_threads()}; TPF = answer tokens / NFE; * = Pareto front")
+    print(f"{'policy':9} {'knob':22} {'acc %':>6} {'TPF':>6} {'NFE':>6} {'stall':>5} "
+          + " ".join(f"{'wall b' + str(b):>9} {'x llada':>7}" for b in a.batches))
+    for i, p in enumerate(points):
+        s = p[b0]
+        print(f"{p['policy']:9} {p['knob']:22} {s['accuracy']:6.1f} {s['tpf']:6.2f} "
+              f"{s['nfe']:6.2f} {s['stalled']:5.2f} "
+              + " ".join(f"{p[f'b{b}']['wall_s']:9.1f} "
+                         f"{ref[f'b{b}']['wall_s'] / p[f'b{b}']['wall_s']:7.1f}"
+                         for b in a.batches) + (" *" if i in front else ""))
+    print("AUP (accuracy under parallelism, y in %, alpha 3, y_max "
+          f"{y_max:.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in aup.items()))
+    print("rows whose correctness differs between batch sizes: "
+          f"{sum(p['batch_mismatches'] for p in points)}")
+    out = run_folder("bench", "dllm_policies")
+    out.mkdir(parents=True, exist_ok=True)
+    for p in points:
+        for b in a.batches:
+            p[f"b{b}"].pop("correct")
+    (out / "sweep.json").write_text(json.dumps(
+        {"ckpt": a.ckpt, "n_per_family": a.n, "families": a.families, "batches": a.batches,
+         "threads": torch.get_num_threads(), "points": points, "aup": aup, "y_max": y_max,
+         "pareto_front": [points[i]["policy"] + " " + points[i]["knob"] for i in sorted(front)]},
+        indent=1))
+    _plot(points, xy, front, aup, out / "accuracy_vs_tpf.png")
+    print(f"results: {out / 'sweep.json'}")
+
+
+def _plot(points: list[dict], xy: list[tuple[float, float]], front: set[int],
+          aup: dict[str, float], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in aup:
+        pts = sorted(xy[i] for i, p in enumerate(points) if p["policy"] == name)
+        ax.plot(*zip(*pts), marker="o", label=f"{name} (AUP {aup[name]:.0f})")
+    fx = sorted(xy[i] for i in front)
+    ax.plot(*zip(*fx), color="black", lw=0.8, ls="--", label="Pareto front")
+    ax.set_xlabel("tokens per forward (answer tokens / NFE)")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _summary(rs: list[dict]) -> dict[str, float]:
@@ -62,10 +208,16 @@ def main() -> None:
                     default=["spell_backward", "word_sorting", "number_sorting", "chain_sum"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (timings)")
     ap.add_argument("--json", default=None, help="also write the summaries to this file")
+    ap.add_argument("--sweep", action="store_true", help="sweep each policy's knob instead")
+    ap.add_argument("--batches", nargs="*", type=int, default=[1, 8],
+                    help="batch sizes of the sweep")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model, tok, meta = load_diffusion_checkpoint_with_meta(a.ckpt)
     model.eval()
+    if a.sweep:
+        sweep(a, model, tok, meta)
+        return
     rows: dict[str, list[dict]] = {name: [] for name in POLICIES}
     for fam in a.families:
         gen = get_family(fam).gen_length
@@ -76,7 +228,7 @@ def main() -> None:
             if kind == "llada":
                 args["steps"] = gen  # one token per step, as Fast-dLLM's baseline
                 args["block_length"] = min(args["block_length"], gen)
-            if kind == "fastdllm":
+            if kind in ("fastdllm", "eb", "wino"):
                 args["block_length"] = min(args["block_length"], gen)
             policy = make_policy(kind, **args)
             with torch.inference_mode():
