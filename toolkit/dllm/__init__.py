@@ -4,9 +4,11 @@
   prefix and dual KV caches.
 * :mod:`.decoding`: :func:`decode` (batching, early stop at EOS, accounting) and
   :func:`compare`.
-* :mod:`.policies`: ``llada`` (the published sampler), ``fastdllm`` (threshold/factor,
-  prefix/dual cache) and ``adaptive`` (the seed's self-correcting scheduler, with
-  :data:`PRESETS`); :mod:`.peer_policies`: ``eb`` (entropy-bounded) and ``wino`` (revocable).
+* :mod:`.policies`: the policy protocol, ``llada`` (the published sampler) and ``fastdllm``
+  (threshold/factor, prefix/dual cache); :mod:`.adaptive_policy`: ``adaptive`` (the seed's
+  self-correcting scheduler, with :data:`PRESETS`); :mod:`.peer_policies`: ``eb``
+  (entropy-bounded) and ``wino`` (revocable).
+* :mod:`.curve`: accuracy under parallelism and the Pareto front (benchmarks).
 * :mod:`.seed_api`: the seed's function and class names over the same loop.
 """
 
