@@ -202,8 +202,9 @@ def main() -> None:
                                                      "latency_ms", "cost",
                                                      "micro_batches")},
               "total_wall_s": time.perf_counter() - t_start}
-    out = REPO / "runs" / "bench" / "serve_load" / time.strftime("%Y%m%dT%H%M%SZ",
-                                                                 time.gmtime())
+    from toolkit.common.paths import run_folder
+
+    out = run_folder("bench", "serve_load")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))
     lat = load["latency_ms"]

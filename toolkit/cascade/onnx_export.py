@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from toolkit.cascade.onnx_runtime import OnnxQualityPredictor
+from toolkit.common.errors import UserError
 
 PARITY_ATOL = 1e-5
 
@@ -112,7 +113,7 @@ class ExportOnnx(Callback):
               f"batch-1 p50 {report['p50_us']:.1f} µs, p99 {report['p99_us']:.1f} µs)")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read as a quality predictor."""
 
 

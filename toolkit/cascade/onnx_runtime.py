@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from toolkit.cascade.features import FeatureSchema
+from toolkit.common.errors import UserError
 
 
-class PredictorFileError(ValueError):
+class PredictorFileError(UserError, ValueError):
     """The predictor file is missing, truncated or not a predictor."""
 
 

@@ -13,6 +13,7 @@ construction, so its agreement target is masked out (NaN) rather than counted as
 from __future__ import annotations
 
 import glob
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ TARGETS = ("correct", "agreement")
 def record_files(data_dir: str | Path) -> list[Path]:
     files = sorted(Path(p) for p in glob.glob(str(Path(data_dir) / "*" / "stage*.jsonl")))
     if not files:
-        raise FileNotFoundError(f"no stage records (*/stage*.jsonl) under {data_dir}; "
+        raise CascadeInputError(f"no stage records (*/stage*.jsonl) under {data_dir}; "
                                 "make them with `python cli.py label`")
     return files
 
@@ -85,6 +86,21 @@ class CascadeRecordsDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.schema = build_schema(schema, num_stages)
         self.files = record_files(data_dir)
+        self._split_rows: dict[str, int] = {}  # rows per split, counted on first use
+
+    def num_batches(self, split: str) -> int:
+        """Batches of ``split`` this rank sees per epoch (for the progress bar; see
+        :mod:`toolkit.common.progress`); counted once per split from the records' split field."""
+        counts = self._split_rows
+        if split not in counts:
+            counts[split] = sum(rec["split"] == split for path in self.files
+                                for rec in read_jsonl(path))
+        world = self.trainer.world_size if self.trainer else 1
+        rank = self.trainer.global_rank if self.trainer else 0
+        workers = max(1, self.hparams.num_workers)  # each worker batches its own shard
+        shards = range(rank * workers, (rank + 1) * workers)
+        return sum(math.ceil(len(range(k, counts[split], world * workers))
+                             / self.hparams.batch_size) for k in shards)
 
     def _stream(self, split: str) -> StageRecordStream:
         rank = self.trainer.global_rank if self.trainer else 0

@@ -49,6 +49,10 @@ class OutputLockedError(UserError, RuntimeError):
     """Another process is writing the same output file."""
 
 
+class CorruptRowError(UserError, ValueError):
+    """A line of a JSONL file that is not JSON."""
+
+
 class DuplicateRowsError(UserError, ValueError):
     """An output file holds the same row key more than once."""
 
@@ -208,13 +212,22 @@ class OutputLock:
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """Rows of a JSONL file; a final line without newline (cut short) is ignored."""
+    """Rows of a JSONL file; a final line without newline (cut short) is ignored.
+
+    Raises:
+        CorruptRowError: a complete line that is not JSON (the message names file and line).
+    """
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             if not line.endswith("\n"):
                 return
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise CorruptRowError(f"{path}:{number}: not a JSON row ({err.msg} at "
+                                          f"column {err.colno}); fix or delete that line"
+                                          ) from None
 
 
 def _key_of(row: dict[str, Any], key: tuple[str, ...]) -> Any:

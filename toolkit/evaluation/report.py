@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from toolkit.common.errors import UserError
 from toolkit.common.io import atomic_write_json, read_jsonl
 from toolkit.evaluation.results import paired_difference
 
@@ -29,7 +30,7 @@ BLOCK = re.compile(r"(<!-- report:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /re
                    re.S)
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """A path that holds no readable results.json."""
 
 

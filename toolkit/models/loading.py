@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from toolkit.common.errors import UserError
 from toolkit.models import zoo
 
 # torch's dynamic int8 quantisation was tried and dropped: it scales activations per tensor, so
@@ -22,7 +23,7 @@ from toolkit.models import zoo
 QUANTISATIONS = ("none", "nf4")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model could not be found or loaded; the message says which and why in one line."""
 
 

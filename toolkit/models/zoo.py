@@ -26,10 +26,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from toolkit.common.errors import UserError
+
 MANIFEST = "zoo.json"
 
 
-class ZooError(RuntimeError):
+class ZooError(UserError, RuntimeError):
     """A zoo problem the user can fix; the message is one line that says how."""
 
 

@@ -1,19 +1,6 @@
-"""q* sampling: per-token geometric mixtures of two models with an adaptive weight α."""
+"""q* sampling: per-token geometric mixtures of two models with an adaptive weight α.
 
-from toolkit.qstar.alpha import (
-    METHODS,
-    AlphaResult,
-    entropy,
-    kl,
-    kl_gap,
-    log_mixture,
-    sampling_distribution,
-    solve_alpha,
-)
-from toolkit.qstar.diagnostics import TokenDiagnostics, ess, summarize_sample, token_diagnostics
-
-__all__ = [
-    "METHODS", "AlphaResult", "TokenDiagnostics", "entropy", "ess", "kl", "kl_gap",
-    "log_mixture", "sampling_distribution", "solve_alpha", "summarize_sample",
-    "token_diagnostics",
-]
+The pieces live in :mod:`toolkit.qstar.alpha` (the α solve) and
+:mod:`toolkit.qstar.diagnostics`; nothing is imported here, so that ``cli.py analyze --help``
+and ``generate --help`` do not pay for torch.
+"""

@@ -20,19 +20,20 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from toolkit.qstar.diagnostics import ALPHA_RANGE, ESS_RATIO_RANGE, KL_GAP_MAX
+from toolkit.common.errors import UserError
+from toolkit.common.paths import runs_root, utc_stamp
+from toolkit.qstar.conditions import ALPHA_RANGE, ESS_RATIO_RANGE, KL_GAP_MAX
 
 QUANTITIES = ("alpha_mean", "ess_ratio_mean", "kl_theta_mean", "kl_t_mean")
 CONDITIONS = ("meets_ess", "meets_kl", "meets_alpha")
 
 
-class AnalyzeError(ValueError):
+class AnalyzeError(UserError, ValueError):
     """A file that cannot be analysed; the message is one line naming it and why."""
 
 
@@ -201,10 +202,7 @@ def analyze_files(files: list[str | Path], out_dir: str | Path | None = None,
     if not files:
         raise AnalyzeError("give at least one diagnostics file")
     if out_dir is None:
-        import datetime as dt
-
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        out_dir = Path(__file__).resolve().parents[2] / "runs" / "analyze" / stamp
+        out_dir = runs_root() / "analyze" / utc_stamp()
     out = Path(out_dir)
     summaries: dict[str, dict[str, Any]] = {}
     columns: dict[str, dict[str, np.ndarray]] = {}
@@ -237,11 +235,7 @@ def analyze(files: list[str] | str, out_dir: str | None = None, plots: bool = Tr
         plots: write the distribution plots.
     """
     paths = [files] if isinstance(files, str) else list(files)
-    try:
-        result = analyze_files(paths, out_dir, plots)
-    except AnalyzeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    result = analyze_files(paths, out_dir, plots)  # AnalyzeError: one line from the CLI
     print(result["table"])
     print(f"\nwritten: {result['out_dir']}")
     return result

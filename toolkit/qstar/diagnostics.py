@@ -31,10 +31,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from toolkit.qstar.alpha import AlphaResult, kl
+from toolkit.qstar.conditions import ALPHA_RANGE, ESS_RATIO_RANGE, KL_GAP_MAX
 
-ESS_RATIO_RANGE = (0.8, 1.2)
-KL_GAP_MAX = 0.05
-ALPHA_RANGE = (0.2, 0.8)
 _NEG_INF = float("-inf")
 
 

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.common.errors import UserError
 from toolkit.common.io import JsonlAppender, atomic_write_text, lock_path, read_jsonl
 from toolkit.generation.base import DecodingConfig, GenerationRequest
 
@@ -49,7 +50,7 @@ def diagnostics_path(output: Path) -> Path:
     return output.with_name(output.stem + ".diagnostics.jsonl")
 
 
-class GenerateConfigError(ValueError):
+class GenerateConfigError(UserError, ValueError):
     """A generate option that cannot work (reported as one line by the CLI)."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from toolkit.common.errors import UserError
 from toolkit.generation.base import DecodingConfig, GenerationOutput, GenerationRequest
 from toolkit.generation.decode_loop import DecodeLoop
 from toolkit.generation.hf_backend import ContextLengthError, TransformersBackend
@@ -28,7 +29,7 @@ from toolkit.generation.sampling import sample_rows
 ALPHA_METHODS = ("fixed", "entropy", "kl_symmetry")
 
 
-class VocabularyMismatchError(ValueError):
+class VocabularyMismatchError(UserError, ValueError):
     """The two models do not share a tokenizer, so their distributions cannot be mixed."""
 
 

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from toolkit.common.errors import UserError
+
 
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank update ``(alpha/r) · B A``.
@@ -116,11 +118,11 @@ def batch_weights(log_weights: torch.Tensor, clip: float) -> torch.Tensor:
     return w.float()
 
 
-class MissingWeightsError(ValueError):
+class MissingWeightsError(UserError, ValueError):
     """An importance-weighted fit met a sample without ``log_weight`` (e.g. greedy output)."""
 
 
-class SFTCheckpointError(ValueError):
+class SFTCheckpointError(UserError, ValueError):
     """A checkpoint that is not a QStarSFTModule checkpoint, or does not fit its base model."""
 
 

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from toolkit.common.errors import UserError
 
-class TaskError(ValueError):
+
+class TaskError(UserError, ValueError):
     """Bad task input the user can fix; the message is one line naming the problem."""
 
 
