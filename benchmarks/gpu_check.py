@@ -38,6 +38,7 @@ there is no CUDA device (without ``--dry_run``).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -48,12 +49,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
+# Nothing is downloaded: models are built from configs, the tokenizer is trained in memory. On
+# a machine without network this also spares transformers' hub look-ups and their timeouts.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from benchmarks.generation_throughput import PROMPTS, ours_tokens, plain_tokens
-from benchmarks.qstar_throughput import run as qstar_run
-from toolkit.common.io import atomic_write_json
-from toolkit.generation.base import DecodingConfig
+import torch  # noqa: E402
+
+from benchmarks.generation_throughput import PROMPTS, ours_tokens, plain_tokens  # noqa: E402
+from benchmarks.qstar_throughput import run as qstar_run  # noqa: E402
+from toolkit.common.io import atomic_write_json  # noqa: E402
+from toolkit.generation.base import DecodingConfig  # noqa: E402
 
 # Qwen2.5-1.5B / 0.5B (1.54B / 0.49B parameters) and a ~1B LLaDA: TinyLlama-like widths with
 # LLaDA's vocabulary and mask id (1.13B non-embedding parameters, 1.65B in all).
