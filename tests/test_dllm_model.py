@@ -107,8 +107,9 @@ def test_dual_cache_equals_full_forward(dtype, how):
     x = torch.randint(0, 40, (2, 20))
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[0, :2] = 0
-    replace = {"mask": torch.zeros(2, 20, dtype=torch.bool).index_fill_(1, torch.arange(8, 12), True),
-               "slice": slice(8, 12), "index": torch.arange(8, 12)}[how]
+    span = torch.arange(8, 12)
+    replace = {"mask": torch.zeros(2, 20, dtype=torch.bool).index_fill_(1, span, True),
+               "slice": slice(8, 12), "index": span}[how]
     with torch.no_grad():
         full = model(x, attention_mask=mask, use_cache=True)
         cache = full.past_key_values

@@ -355,10 +355,11 @@ def test_resume_dir_keeps_rows_and_skips_done_batches(tiny_lm, tiny_lm_b, prompt
     # Drop the second batch, as a kill after the first batch would have left the file.
     store.write_text("\n".join(lines[:2]) + "\n")
     second = Path(cli.main(args).trainer.log_dir)
-    assert store.read_text().splitlines()[:2] == lines[:2] and len(store.read_text().splitlines()) == 4
+    stored = store.read_text().splitlines()
+    assert stored[:2] == lines[:2] and len(stored) == 4
     untimed = {"wall", "wall_share"}
-    rows = [[{k: v for k, v in r.items() if k not in untimed} for r in read_jsonl(d / "examples.jsonl")]
-            for d in (first, second)]
+    rows = [[{k: v for k, v in r.items() if k not in untimed}
+             for r in read_jsonl(d / "examples.jsonl")] for d in (first, second)]
     assert rows[0] == rows[1]
     # A changed configuration is refused instead of mixing rows.
     with pytest.raises(SystemExit):

@@ -61,7 +61,8 @@ def test_humaneval_helper_from_prompt_and_saved_example():
 
 
 def test_extract_code_picks_first_python_block():
-    text = f"{FENCE}text\nnot code\n{FENCE}\nthen\n{FENCE}python\nx = 1\n{FENCE}\n{FENCE}\ny\n{FENCE}"
+    text = (f"{FENCE}text\nnot code\n{FENCE}\nthen\n{FENCE}python\nx = 1\n{FENCE}\n"
+            f"{FENCE}\ny\n{FENCE}")
     assert extract_code(text) == "x = 1\n"
     assert extract_code(f"intro\n{FENCE}\nz = 2\n") == "z = 2\n"  # cut off: no closing fence
     assert extract_code("def f():\n    return 1\n") == "def f():\n    return 1\n"

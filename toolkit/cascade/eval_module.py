@@ -67,7 +67,8 @@ class CascadeReplayEval(EvaluationModule):
 
     def __init__(self, method: str = "cascade", data_dir: str = "data/cascade", lam: float = 1.0,
                  sweep: list[float] | None = None, budgets: list[float] | None = None,
-                 budget_mixing: bool = True, folds: int = 5, n_bins: int = 3, risk_prior: list[float] | None = None,
+                 budget_mixing: bool = True, folds: int = 5, n_bins: int = 3,
+                 risk_prior: list[float] | None = None,
                  schema: str = "topk", num_stages: int = 3, seed: int = 0,
                  random_seeds: int = 3) -> None:
         super().__init__()

@@ -84,7 +84,8 @@ def _record(ex: Any, task: str, stage: int, backend: Any, out: Any, correct: Any
 
 def label(stages: list[StageSpec], tasks: list[TaskSpec],
           decoding: DecodingConfig | None = None, out_dir: str = "data/cascade",
-          batch_size: int = 16, chunk_size: int = 48, limit: int | None = None, threads: int | None = None,
+          batch_size: int = 16, chunk_size: int = 48, limit: int | None = None,
+          threads: int | None = None,
           device: str = "cpu", summarize_only: bool = False,
           card: str | None = None) -> dict[str, Any]:
     """Label prompts with every stage of a cascade (resumable; see the module docstring).
@@ -153,6 +154,7 @@ def label(stages: list[StageSpec], tasks: list[TaskSpec],
     if card:
         update_card(card, table)
     report["table"] = table
+    print(f"records written to {root.resolve()}/<task>/stage<k>-<model>.jsonl")
     return report
 
 

@@ -181,5 +181,6 @@ def export(ckpt: str, to: str | None = None, data_dir: str = "data/cascade") -> 
         (folder / "README.md").write_text(_card(report, data_dir))
     (folder / "onnx_export.json").write_text(json.dumps(report, indent=1, default=str))
     print(f"exported {path}: max |onnx - torch| = {report['parity_max_abs_diff']:.1e} on "
-          f"{len(x)} val rows; batch-1 p50 {report['p50_us']:.1f} µs, p99 {report['p99_us']:.1f} µs")
+          f"{len(x)} val rows; batch-1 p50 {report['p50_us']:.1f} µs, "
+          f"p99 {report['p99_us']:.1f} µs")
     return report

@@ -81,8 +81,9 @@ class AdaptivePolicy(_CachedBlockPolicy):
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_block_size <= self.base_block_size <= self.max_block_size:
-            raise DecodeInputError(f"need 1 ≤ min_block_size {self.min_block_size} ≤ base_block_size "
-                             f"{self.base_block_size} ≤ max_block_size {self.max_block_size}")
+            raise DecodeInputError(f"need 1 ≤ min_block_size {self.min_block_size} ≤ "
+                                   f"base_block_size {self.base_block_size} ≤ max_block_size "
+                                   f"{self.max_block_size}")
         if not 0.0 < self.min_threshold <= self.base_threshold <= self.max_threshold:
             raise DecodeInputError(f"need 0 < min_threshold {self.min_threshold} ≤ base_threshold "
                              f"{self.base_threshold} ≤ max_threshold {self.max_threshold}")

@@ -50,7 +50,8 @@ def _as_prompt_lists(prompts: list[list[int]] | Tensor) -> list[list[int]]:
         if prompts.dim() == 1:
             prompts = prompts[None]
         if prompts.dim() != 2:
-            raise DecodeInputError(f"prompt tensor must be (L,) or (B, L), got {tuple(prompts.shape)}")
+            raise DecodeInputError(f"prompt tensor must be (L,) or (B, L), got "
+                                   f"{tuple(prompts.shape)}")
         return [[int(t) for t in row] for row in prompts.tolist()]
     if not prompts or not all(isinstance(p, (list, tuple)) for p in prompts):
         raise DecodeInputError("prompts must be a non-empty list of token-id lists or a tensor")
@@ -64,7 +65,8 @@ class _Decoder:
                  mask_id: int, eos_id: int | None, pad_id: int, temperature: float,
                  cfg_scale: float, seed: int, device: torch.device, stop_at_eos: bool):
         self.model, self.policy, self.gen = model, policy, gen_length
-        self.mask_id, self.eos_id, self.temperature, self.cfg = mask_id, eos_id, temperature, cfg_scale
+        self.mask_id, self.eos_id = mask_id, eos_id
+        self.temperature, self.cfg = temperature, cfg_scale
         self.stop_at_eos = stop_at_eos and eos_id is not None
         self.device = device
         self.lengths = [len(p) for p in prompts]
@@ -384,8 +386,8 @@ def decode(model: Any, prompts: list[list[int]] | Tensor, gen_length: int,
         raise DecodeInputError(f"policy {policy.name} needs an LLaDAModelLM (a (B, T, T) "
                                "attention mask for its shadow block) and cfg_scale 0")
     if cfg_scale > 0 and policy.uses_cache:
-        raise DecodeInputError(f"cfg_scale > 0 needs a policy without a KV cache; {policy.name} uses "
-                         "one (choose cache='none' or the llada policy)")
+        raise DecodeInputError(f"cfg_scale > 0 needs a policy without a KV cache; {policy.name} "
+                               "uses one (choose cache='none' or the llada policy)")
     if policy.uses_cache and not getattr(model, "supports_kv_cache", False):
         raise DecodeInputError(f"policy {policy.name} uses a KV cache, which "
                          f"{type(model).__name__} does not support (use cache='none')")

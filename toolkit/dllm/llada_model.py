@@ -134,7 +134,8 @@ class KVCache:
 
     def truncate(self, length: int) -> KVCache:
         """The first ``length`` slots (views, no copy): a prefix cache."""
-        return KVCache([k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in self.values],
+        return KVCache([k[:, :, :length] for k in self.keys],
+                       [v[:, :, :length] for v in self.values],
                        self.key_mask[:, :length], self.positions[:, :length])
 
     def select_rows(self, rows: Tensor) -> KVCache:

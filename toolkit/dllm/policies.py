@@ -276,8 +276,8 @@ class LLaDAPolicy(Policy):
         num_blocks = gen_length // self.block_length
         steps = self.steps or gen_length
         if steps < num_blocks or steps % num_blocks:
-            raise DecodeInputError(f"llada: steps {steps} must be a positive multiple of the number "
-                             f"of blocks {num_blocks} (gen_length / block_length)")
+            raise DecodeInputError(f"llada: steps {steps} must be a positive multiple of the "
+                                   f"number of blocks {num_blocks} (gen_length / block_length)")
 
     def next_block_size(self, st: RowState) -> int:
         return self.block_length

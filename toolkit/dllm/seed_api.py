@@ -141,7 +141,9 @@ def generate_with_custom_scheduler(
         model: Any, prompt: Tensor | list, scheduler: AdaptiveInferenceScheduler,
         cache_manager: TieredCacheManager | None = None, gen_length: int = 128,
         verbose: bool = False, **decode_kwargs: Any) -> tuple[Tensor, dict[str, Any]]:
-    """Adaptive decoding with explicit scheduler and cache settings; returns ``(output, metrics)``."""
+    """Adaptive decoding with explicit scheduler and cache settings.
+
+    Returns ``(output, metrics)``."""
     output, result = _run(model, prompt, gen_length, scheduler.to_policy(cache_manager),
                           verbose, decode_kwargs)
     return output, _seed_metrics(result)

@@ -26,8 +26,8 @@ from toolkit.evaluation.results import paired_difference
 
 REPO = Path(__file__).resolve().parents[2]
 SNAPSHOTS = REPO / "docs" / "results"
-BLOCK = re.compile(r"(<!-- report:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /report:(?P=name) -->)",
-                   re.S)
+BLOCK = re.compile(r"(<!-- report:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)"
+                   r"(<!-- /report:(?P=name) -->)", re.S)
 
 
 class ReportError(UserError, ValueError):

@@ -29,7 +29,9 @@ from toolkit.generation.sampling import choose_next, make_generator, token_stats
 
 OnStep = Callable[[list[int], list[int]], Iterable[int] | None]
 Admit = Callable[[int], Iterable[tuple[list[int], int, int]]]
-"""``admit(free slots)`` -> new requests as (prompt ids, budget, seed) (see ``DecodeLoop.steps``)."""
+"""``admit(free slots)`` -> new requests as (prompt ids, budget, seed).
+
+See ``DecodeLoop.steps``."""
 
 # picker(logits per model [B, V] each, config, generators of the rows or None)
 #   -> (tokens [B], log-probs to record stats on [B, V], extra per-token values {name: [B]})

@@ -5,7 +5,8 @@ of the *full* untempered distribution (chosen log-prob, top-1, entropy, top-k), 
 seeds that do not depend on batch composition, per-request wall time, and continuous
 batching: a finished sequence leaves the batch at once and a queued prompt takes its slot
 (``generate`` keeps decoding padding for finished rows until the longest answer ends). The
-loop itself lives in ``decode_loop.py``, shared with the q* sampler. ``benchmarks/generation_throughput.py`` checks that this loop keeps pace with
+loop itself lives in ``decode_loop.py``, shared with the q* sampler.
+``benchmarks/generation_throughput.py`` checks that this loop keeps pace with
 ``model.generate``.
 """
 

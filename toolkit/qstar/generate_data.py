@@ -149,7 +149,8 @@ def generate(dataset: str, output: str, model: str | None = None,
 
     decoding = decoding or DecodingConfig(temperature=1.0)
     if (model is None) == (model_theta is None or model_t is None):
-        raise GenerateConfigError("give either --model (plain) or both --model_theta and --model_t (q*)")
+        raise GenerateConfigError("give either --model (plain) or both --model_theta and "
+                                  "--model_t (q*)")
     options = {k: v for k, v in (("prompt_field", prompt_field),
                                  ("reference_field", reference_field)) if v}
     task = build_task(dataset, **options)

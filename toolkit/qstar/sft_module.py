@@ -10,8 +10,9 @@ Importance weighting (off by default). Each sample may carry a sequence log-weig
 ``generate`` when it samples).
 Per batch the weights are self-normalised in log space, ``w̃ = softmax(log w)`` (no overflow
 however long the sequence), capped at ``weight_clip`` times the uniform weight 1/B and
-renormalised (``batch_weights``: the excess goes to the others in proportion); the loss is Σ w̃_i · loss_i and ``train/batch_ess`` = 1 / Σ w̃_i² (B when
-uniform, 1 when one sample takes all the weight) is logged so a collapse is visible.
+renormalised (``batch_weights``: the excess goes to the others in proportion); the loss is
+Σ w̃_i · loss_i and ``train/batch_ess`` = 1 / Σ w̃_i² (B when uniform, 1 when one sample
+takes all the weight) is logged so a collapse is visible.
 """
 
 from __future__ import annotations
@@ -181,9 +182,10 @@ class QStarSFTModule(LightningModule):
         n = losses.numel()
         if self.hparams.importance_weighting:
             if torch.isnan(batch["log_weight"]).any():
-                raise MissingWeightsError("importance_weighting needs a log_weight for every sample, but "
-                                 "the diagnostics file lacks some: generate the data with "
-                                 "temperature > 0 (greedy output has no weights)")
+                raise MissingWeightsError("importance_weighting needs a log_weight for every "
+                                          "sample, but the diagnostics file lacks some: generate "
+                                          "the data with temperature > 0 (greedy output has no "
+                                          "weights)")
             w = batch_weights(batch["log_weight"], self.hparams.weight_clip).to(losses.device)
         else:
             w = torch.full_like(losses, 1.0 / n)
