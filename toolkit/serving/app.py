@@ -1,10 +1,15 @@
 """The FastAPI app: the seed's ``/generate``, OpenAI-compatible completions, stats and health.
 
-Every generation request is checked completely before it is queued (types, empty prompt, the
-prompt's length in tokens under every stage's tokenizer, ``max_tokens`` range, the models'
-context windows), because a queued request shares a micro-batch with others: nothing a client
-sends may fail a batch. Then the request waits for its answer with a per-request timeout
-(504). A full queue answers 503 with ``Retry-After``.
+Every generation request is checked completely before it is queued (the schema's types,
+ranges and lengths, then the prompt's length in tokens under every stage's tokenizer and the
+models' context windows), because a queued request shares a micro-batch with others: nothing a
+client sends may fail a batch. Then the request waits for its answer with a per-request timeout
+(504). A full queue answers 503 with ``Retry-After``. The request bodies are built from the
+limits (``schemas.request_models``), so ``/openapi.json`` states every limit.
+
+Options are honoured or refused, never dropped: ``stop``, ``seed``, ``logprobs`` /
+``top_logprobs`` work as in the OpenAI API (see ``outputs.py``); what the server cannot do
+(``n > 1``, tools, penalties, log-probs while streaming, …) is a 400 that says so.
 
 OpenAI compatibility: ``/v1/chat/completions`` and ``/v1/completions`` return the OpenAI
 shapes, plus one extra field ``cascade`` (``CascadeInfo``: the stage that answered, its model,
@@ -13,8 +18,8 @@ text reaches the client only once it is certain to be returned (see ``engine.py`
 last chunk before ``[DONE]`` carries ``finish_reason`` and ``cascade``.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the route bodies' annotations at
+# runtime, and the request models are local to ``create_app`` (built from the limits).
 import asyncio
 import json
 import sys
@@ -30,16 +35,22 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from toolkit.generation.base import Messages
 from toolkit.serving.engine import CascadeEngine, Job, JobResult
-from toolkit.serving.guard import ApiError, Guard, error_body, install_error_handlers
+from toolkit.serving.guard import (
+    OPEN_PATHS,
+    ApiError,
+    Guard,
+    error_body,
+    install_error_handlers,
+)
+from toolkit.serving.outputs import chat_logprobs, completion_logprobs
 from toolkit.serving.schemas import (
     CascadeInfo,
     ChatCompletion,
-    ChatCompletionRequest,
     Completion,
-    CompletionRequest,
     ErrorResponse,
-    GenerateRequest,
     GenerateResponse,
+    message_text,
+    request_models,
 )
 
 
@@ -54,10 +65,50 @@ class Limits:
     default_top_p: float = 1.0
     request_timeout_s: float = 300.0
     max_body_bytes: int = 1_000_000
+    max_messages: int = 256
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 503, 504)}
+    400: {"model": ErrorResponse, "description": "Invalid or unsupported request: invalid "
+          "Unicode, an unsupported option (code 'unsupported'), or a prompt over the token "
+          "limit or the models' context (codes 'prompt_too_long', 'context_length_exceeded'), "
+          "which the schema cannot state because tokens depend on the tokenizer."},
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
+    413: {"model": ErrorResponse, "description": "Body over the server's byte limit."},
+    422: {"model": ErrorResponse, "description": "The body does not match the schema."},
+    503: {"model": ErrorResponse, "description": "Queue full; see Retry-After."},
+    504: {"model": ErrorResponse, "description": "No answer within the request timeout."},
+}
+
+STREAMED: dict[int | str, dict[str, Any]] = {**ERRORS, 200: {
+    "description": "The completion; with stream: true, server-sent events of chunks.",
+    "content": {"text/event-stream": {"schema": {
+        "type": "object", "required": ["data"], "properties": {"data": {
+            "type": "string", "description": "One JSON chunk, then [DONE]."}}}}}}}
+
+
+def _document_auth(app: FastAPI, required: bool) -> None:
+    """State the Bearer key in /openapi.json (every path but the open ones needs it)."""
+    if not required:
+        return
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = base()
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"}}
+            for path, ops in schema["paths"].items():
+                for op in ops.values():
+                    op["security"] = [] if path in OPEN_PATHS else [{"bearer": []}]
+                    if path not in OPEN_PATHS:
+                        op.setdefault("responses", {}).setdefault("401", {
+                            "description": "Missing or invalid API key.",
+                            "content": {"application/json": {"schema": {
+                                "$ref": "#/components/schemas/ErrorResponse"}}}})
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
@@ -66,6 +117,15 @@ def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
     stats = engine.stats
     backends = engine.cascade.backends
     context = min(getattr(b, "context_length", 1 << 30) for b in backends)
+    decoding = engine.cascade.decoding
+    max_top = decoding.top_logprobs if decoding.token_stats else 0
+    # A character takes at most 6 bytes in a JSON body (\uXXXX): a prompt one character over
+    # max_prompt_chars still fits the body, so it is refused for its length (422), not 413.
+    bodies = request_models(limits.max_tokens_limit, limits.max_body_bytes // 8,
+                            limits.max_messages, max_top,
+                            min_prompt_chars=0 if decoding.chat_template else 1)
+    GenerateRequest, ChatCompletionRequest, CompletionRequest = (  # noqa: N806
+        bodies.generate, bodies.chat, bodies.completion)
     seq = {"n": 0}
 
     @asynccontextmanager
@@ -84,41 +144,47 @@ def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
                               "predictor and an optimal stopping policy decide when to "
                               "escalate. See the `cascade` field of completions.")
     install_error_handlers(app)
+    _document_auth(app, api_key is not None)
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes,
                        stats=stats)
 
     # ------------------------------------------------------------ admission
-    def make_job(prompt: str | Messages, max_tokens: int | None, temperature: float | None,
-                 top_p: float | None, stream: bool) -> Job:
-        budget = limits.default_max_tokens if max_tokens is None else max_tokens
-        if budget <= 0:
-            raise ApiError(422, f"max_tokens must be a positive integer, got {budget}",
-                           "max_tokens", "invalid_max_tokens")
-        if budget > limits.max_tokens_limit:
-            raise ApiError(422, f"max_tokens {budget} exceeds this server's limit of "
-                           f"{limits.max_tokens_limit}", "max_tokens", "max_tokens_too_large")
-        temp = limits.default_temperature if temperature is None else float(temperature)
-        if not 0 <= temp <= 2:
-            raise ApiError(422, f"temperature must be in [0, 2], got {temp}", "temperature")
-        nucleus = limits.default_top_p if top_p is None else float(top_p)
-        if not 0 < nucleus <= 1:
-            raise ApiError(422, f"top_p must be in (0, 1], got {nucleus}", "top_p")
-        n_tokens = max(b.count_tokens(prompt, engine.cascade.decoding) for b in backends)
+    def make_job(prompt: str | Messages, body: Any, max_tokens: int | None,
+                 top_logprobs: int | None = None) -> Job:
+        """A checked job (the schema already checked types and ranges)."""
+        param = "prompt" if isinstance(prompt, str) else "messages"
+        budget = min(limits.default_max_tokens, limits.max_tokens_limit) if (
+            max_tokens is None) else max_tokens
+        temp = limits.default_temperature if body.temperature is None else body.temperature
+        nucleus = limits.default_top_p if body.top_p is None else body.top_p
+        if isinstance(prompt, list) and not decoding.chat_template:
+            raise ApiError(400, "this bundle decodes without a chat template: send a plain "
+                           "prompt to /v1/completions or /generate", param, "unsupported")
+        try:
+            n_tokens = max(b.count_tokens(prompt, decoding) for b in backends)
+        except Exception as err:  # the chat template or tokenizer refused this input
+            raise ApiError(400, f"{param} could not be tokenised: {err}", param,
+                           "invalid_prompt") from None
+        if n_tokens == 0:
+            raise ApiError(400, f"{param} is no tokens at all", param, "empty_prompt")
         if n_tokens > limits.max_prompt_tokens:
             raise ApiError(400, f"prompt is {n_tokens} tokens long, over this server's limit "
-                           f"of {limits.max_prompt_tokens}", "prompt", "prompt_too_long")
+                           f"of {limits.max_prompt_tokens}", param, "prompt_too_long")
         if n_tokens + budget > context:
             raise ApiError(400, f"prompt of {n_tokens} tokens + max_tokens {budget} exceeds "
                            f"the models' context of {context}", "max_tokens",
                            "context_length_exceeded")
+        stream = bool(getattr(body, "stream", False))
+        if stream and top_logprobs is not None:
+            raise ApiError(400, "logprobs are not supported with stream: true", "logprobs",
+                           "unsupported")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         loop = asyncio.get_running_loop()
         seq["n"] += 1
-        return Job(prompt, budget, temp, nucleus, loop, loop.create_future(),
-                   asyncio.Queue() if stream else None, seed=seq["n"])
-
-    def check_text(text: str, param: str) -> None:
-        if not text.strip():
-            raise ApiError(422, f"{param} must not be empty", param, "empty_prompt")
+        return Job(prompt, budget, float(temp), float(nucleus), loop, loop.create_future(),
+                   asyncio.Queue() if stream else None,
+                   seed=seq["n"] if body.seed is None else body.seed, stop=tuple(stop),
+                   top_logprobs=top_logprobs)
 
     def submit(job: Job) -> None:
         if not engine.submit(job):
@@ -152,32 +218,25 @@ def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
     @app.post("/generate", response_model=GenerateResponse, responses=ERRORS,
               summary="The seed's endpoint: run the cascade on one prompt")
     async def generate(body: GenerateRequest) -> GenerateResponse:
-        check_text(body.prompt, "prompt")
-        r = await answer(make_job(body.prompt, body.max_tokens, body.temperature, body.top_p,
-                                  False))
+        r = await answer(make_job(body.prompt, body, body.max_tokens))
         return GenerateResponse(output=r.text, stopped_at_stage=r.stopped_at_stage,
                                 latency_ms=r.latency_ms,
                                 stage_probabilities=r.stage_probabilities,
                                 finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
                                 completion_tokens=r.completion_tokens, cost_flops=r.cost_flops)
 
-    def openai_common(body: Any) -> None:
-        if body.n != 1:
-            raise ApiError(422, f"n must be 1 (got {body.n}): one answer per request", "n")
-
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS,
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAMED,
               summary="OpenAI-compatible chat completion (plain or stream: true)")
     async def chat(body: ChatCompletionRequest) -> Any:
-        openai_common(body)
-        if not body.messages:
-            raise ApiError(422, "messages must hold at least one message", "messages",
-                           "empty_prompt")
-        if not any(m.role == "user" and m.content.strip() for m in body.messages):
-            raise ApiError(422, "messages must include a non-empty user message", "messages",
-                           "empty_prompt")
-        messages = [{"role": m.role, "content": m.content} for m in body.messages]
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs",
+                           "unsupported")
+        # 'developer' is OpenAI's newer name for 'system'; chat templates know 'system'.
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": message_text(m.content)} for m in body.messages]
         budget = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
-        job = make_job(messages, budget, body.temperature, body.top_p, body.stream)
+        job = make_job(messages, body, budget,
+                       (body.top_logprobs or 0) if body.logprobs else None)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             return stream(job, cid, created, "chat.completion.chunk", body)
@@ -185,21 +244,23 @@ def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
         return ChatCompletion(id=cid, created=created, model=model_name, usage=usage(r),
                               cascade=cascade_info(r), choices=[{
                                   "index": 0, "finish_reason": r.finish_reason,
-                                  "message": {"role": "assistant", "content": r.text}}])
+                                  "message": {"role": "assistant", "content": r.text},
+                                  "logprobs": None if r.logprobs is None
+                                  else chat_logprobs(r.logprobs)}])
 
-    @app.post("/v1/completions", response_model=Completion, responses=ERRORS,
+    @app.post("/v1/completions", response_model=Completion, responses=STREAMED,
               summary="OpenAI-compatible text completion (the prompt is the user turn)")
     async def complete(body: CompletionRequest) -> Any:
-        openai_common(body)
-        check_text(body.prompt, "prompt")
-        job = make_job(body.prompt, body.max_tokens, body.temperature, body.top_p, body.stream)
+        job = make_job(body.prompt, body, body.max_tokens, body.logprobs)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             return stream(job, cid, created, "text_completion", body)
         r = await answer(job)
         return Completion(id=cid, created=created, model=model_name, usage=usage(r),
                           cascade=cascade_info(r), choices=[{
-                              "index": 0, "text": r.text, "finish_reason": r.finish_reason}])
+                              "index": 0, "text": r.text, "finish_reason": r.finish_reason,
+                              "logprobs": None if r.logprobs is None else completion_logprobs(
+                                  r.logprobs, bool(body.logprobs))}])
 
     def stream(job: Job, cid: str, created: int, kind: str, body: Any) -> StreamingResponse:
         submit(job)  # before the 200 goes out, so a full queue is still a 503

@@ -1,12 +1,21 @@
-"""Per-stage dynamic micro-batching for the live cascade, on one engine thread.
+"""Per-stage batching for the live cascade, on one engine thread, in one of two admissions.
 
-Requests wait in one queue per stage. The engine thread repeatedly picks the stage whose oldest
+Requests wait in one queue per stage. Every answer goes through the same generate → score →
+decide step as offline runs and replay (``LiveCascade.run_stage`` / ``score``), so the server
+makes the decisions the tests check against replay. Each request then stops (its answer is
+returned) or joins the next stage's queue with its history.
+
+``admission="join"`` (the default): each stage keeps a running batch (one per sampling
+setting) in the decode loop, and a request waiting for that stage joins it at the next decoding
+step, up to ``max_batch`` rows; an answer leaves the batch, is scored and handed back (or sent
+on to the next stage) the step it finishes. The engine advances every running batch by one
+step in turn, so no stage waits for another's batch to end.
+
+``admission="batch"`` (the earlier behaviour): the thread picks the stage whose oldest
 request has waited longest, lets more requests join for a short window (``wait_ms``, only if
-that request has not already waited that long and the batch is not full), and runs the batch
-through ``LiveCascade.run_stage``: the same generate → score → decide step as offline runs and
-replay, so the server makes the decisions the tests check against replay. Each request then
-stops (its answer is returned) or joins the next stage's queue with its history. Inside a
-batch the shared decode loop batches continuously: a finished answer leaves at once.
+that request has not already waited that long and the batch is not full), and runs that batch
+to its end; requests arriving meanwhile wait for the next batch. Inside a batch the decode
+loop still batches continuously: a finished answer leaves at once.
 
 Why one thread for all stages: on a CPU the stages compete for the same cores, so running two
 stage batches at once only interleaves them; one thread with all cores keeps each batch fast.
@@ -25,13 +34,15 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from toolkit.cascade.live import LiveCascade, StageStep, StageTrace
 from toolkit.cascade.stopping import History, StoppingPolicy, prompt_key
-from toolkit.generation.base import GenerationRequest, Messages, call_cost
+from toolkit.generation.base import GenerationOutput, GenerationRequest, Messages, call_cost
+from toolkit.serving.outputs import cut_at_stop, streamable, token_logprobs
 from toolkit.serving.stats import ServerStats
 
 log = logging.getLogger("toolkit.serving")
@@ -46,8 +57,10 @@ class JobResult:
     cost_flops: float
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (the model ended) | "length"
+    finish_reason: str  # "stop" (the model ended, or a stop string) | "length"
     trace: list[dict[str, Any]]
+    logprobs: list[dict[str, Any]] | None = None
+    """Per-token entries (``outputs.token_logprobs``) when the request asked for them."""
 
 
 @dataclass
@@ -73,6 +86,10 @@ class Job:
     first_token_s: float | None = None
     policy: StoppingPolicy | None = None
     """This request's side of the bundle's policy (``policy.for_key``), fixed at submit."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: the returned text ends before the first one (``outputs.py``)."""
+    top_logprobs: int | None = None
+    """None: no log-probs; else return them with this many top alternatives per token."""
 
 
 class CascadeEngine:
@@ -84,10 +101,19 @@ class CascadeEngine:
         max_batch: most requests in one stage batch (also the decode loop's active rows).
         wait_ms: how long the oldest request may wait for others to join its batch.
         max_queue: most requests in the system (queued + running); beyond it, 503.
+        admission: ``join`` (requests join a running batch at the next step) or ``batch``
+            (they wait for the running batch to end); see the module docstring.
     """
 
     def __init__(self, cascade: LiveCascade, stats: ServerStats, max_batch: int = 8,
-                 wait_ms: float = 10.0, max_queue: int = 64) -> None:
+                 wait_ms: float = 10.0, max_queue: int = 64, admission: str = "join") -> None:
+        if admission not in ("join", "batch"):
+            raise ValueError(f"admission must be 'join' or 'batch', got {admission!r}")
+        if admission == "join" and not all(hasattr(b, "generate_steps")
+                                           for b in cascade.backends):
+            raise ValueError("admission 'join' needs backends that decode step by step "
+                             "(generate_steps, the transformers backend); use 'batch'")
+        self.admission = admission
         self.cascade, self.stats = cascade, stats
         self.max_batch, self.wait_s, self.max_queue = max_batch, wait_ms / 1000, max_queue
         self.cascade.batch_size = max_batch
@@ -132,6 +158,9 @@ class CascadeEngine:
 
     # ----------------------------------------------------------------- thread
     def _loop(self) -> None:
+        if self.admission == "join":
+            self._loop_join()
+            return
         while True:
             picked = self._next_batch()
             if picked is None:
@@ -143,14 +172,18 @@ class CascadeEngine:
                 for job in picked[1]:
                     self._fail(job, "internal error while generating (see the server log)")
 
+    def _drop_cancelled(self) -> None:
+        """Forget queued jobs whose client went away (call with ``cond`` held)."""
+        for q in self.queues:
+            for job in [j for j in q if j.cancelled]:
+                q.remove(job)
+                self.stats.queue_depth -= 1
+                self.stats.in_flight -= 1
+
     def _next_batch(self) -> tuple[int, list[Job]] | None:
         with self.cond:
             while True:
-                for q in self.queues:
-                    for job in [j for j in q if j.cancelled]:
-                        q.remove(job)
-                        self.stats.queue_depth -= 1
-                        self.stats.in_flight -= 1
+                self._drop_cancelled()
                 heads = [(q[0].arrived, k) for k, q in enumerate(self.queues) if q]
                 if not heads:
                     if self.stopping:
@@ -176,31 +209,115 @@ class CascadeEngine:
     def _run(self, k: int, batch: list[Job]) -> None:
         decoding = replace(self.cascade.decoding, temperature=batch[0].temperature,
                            top_p=batch[0].top_p)
-        requests = [GenerationRequest(j.prompt, seed=j.seed, max_new_tokens=j.max_tokens)
-                    for j in batch]
+        requests = _requests(batch)
         self.stats.batch(k, len(batch))
         steps = self.cascade.run_stage(k, requests, [j.history for j in batch], decoding,
                                        self._step_hook(k, batch),
                                        policies=[j.policy for j in batch])
         for job, st in zip(batch, steps):
             if st.output.stop_reason == "cancelled":
-                with self.cond:
-                    self.stats.in_flight -= 1
-                    self.stats.abandoned += 1
+                self._abandoned()
                 continue
-            job.history = st.history
-            job.traces.append(st.trace)
-            if st.decision.action == "stop":
-                self._finish(job, k, st)
-                continue
+            self._route(k, job, st)
+
+    def _abandoned(self) -> None:
+        with self.cond:
+            self.stats.in_flight -= 1
+            self.stats.abandoned += 1
+
+    def _route(self, k: int, job: Job, st: StageStep) -> None:
+        """After stage k decided: hand the answer back, or queue the job for the next stage."""
+        job.history = st.history
+        job.traces.append(st.trace)
+        if st.decision.action == "stop":
+            self._finish(job, k, st)
+            return
+        with self.cond:
+            if job.cancelled:
+                self.stats.in_flight -= 1
+                return
+            job.stage, job.enqueued = st.decision.next_stage, time.perf_counter()
+            self.queues[job.stage].append(job)
+            self.stats.queue_depth += 1
+            self.cond.notify_all()
+
+    # ------------------------------------------------------ join admission
+    def _loop_join(self) -> None:
+        sessions: list[_Session] = []
+        while True:
             with self.cond:
-                if job.cancelled:
-                    self.stats.in_flight -= 1
+                self._drop_cancelled()
+                for k, q in enumerate(self.queues):
+                    if q and not any(s.stage == k and s.key == _key(q[0]) for s in sessions):
+                        sessions.append(self._open(k, _key(q[0])))
+                if not sessions:
+                    if self.stopping and not any(self.queues):
+                        return
+                    self.cond.wait()
                     continue
-                job.stage, job.enqueued = st.decision.next_stage, time.perf_counter()
-                self.queues[job.stage].append(job)
-                self.stats.queue_depth += 1
-                self.cond.notify_all()
+            for sess in list(sessions):
+                try:
+                    finished = next(sess.steps)
+                    if finished:
+                        self._settle(sess, finished)
+                except StopIteration:
+                    sessions.remove(sess)
+                except Exception:  # never let one bad batch kill the engine thread
+                    log.exception("engine: batch failed")
+                    sessions.remove(sess)
+                    for i, job in enumerate(sess.jobs):
+                        if i not in sess.settled:
+                            self._fail(job, "internal error while generating (see the "
+                                       "server log)")
+
+    def _open(self, k: int, key: tuple[float, float]) -> _Session:
+        """Start stage k's running batch for one sampling setting (call with ``cond`` held)."""
+        sess = _Session(k, key, [], set(), iter(()))
+        first = self._take(sess, self.max_batch)
+        decoding = replace(self.cascade.decoding, temperature=key[0], top_p=key[1])
+        sess.steps = self.cascade.backends[k].generate_steps(
+            _requests(first), decoding, batch_size=self.max_batch,
+            on_step=self._step_hook(k, sess.jobs), admit=lambda free: self._admit(sess, free))
+        self.stats.batch(k, len(first))
+        return sess
+
+    def _take(self, sess: _Session, free: int) -> list[Job]:
+        """Move up to ``free`` jobs of the session's setting from the head of its stage's
+        queue into the session (first come, first served: a job with another setting at the
+        head stops the intake until its own batch takes it). Call with ``cond`` held."""
+        q, taken = self.queues[sess.stage], []
+        while q and len(taken) < free and _key(q[0]) == sess.key:
+            taken.append(q.popleft())
+        self.stats.queue_depth -= len(taken)
+        sess.jobs.extend(taken)
+        return taken
+
+    def _admit(self, sess: _Session, free: int) -> list[GenerationRequest]:
+        """The decode loop asks for more work before each step: the queue's new arrivals."""
+        with self.cond:
+            self._drop_cancelled()
+            taken = self._take(sess, free)
+        if taken:
+            self.stats.joined(sess.stage, len(taken))
+        return _requests(taken)
+
+    def _settle(self, sess: _Session, finished: list[tuple[int, GenerationOutput]]) -> None:
+        """Score the answers that finished this step and route each job on."""
+        live = []
+        for i, out in finished:
+            if out.stop_reason == "cancelled":
+                sess.settled.add(i)
+                self._abandoned()
+            else:
+                live.append((i, out))
+        if not live:
+            return
+        jobs = [sess.jobs[i] for i, _ in live]
+        steps = self.cascade.score(sess.stage, [o for _, o in live], [j.history for j in jobs],
+                                   [j.policy for j in jobs])
+        for (i, _), job, st in zip(live, jobs, steps):
+            sess.settled.add(i)  # before routing: a failure after this is not this job's
+            self._route(sess.stage, job, st)
 
     def _step_hook(self, k: int, batch: list[Job]) -> Any:
         """The decode loop's per-step hook: abandon the rows of cancelled jobs (their client
@@ -208,7 +325,7 @@ class CascadeEngine:
         stage, send each streaming job its new text."""
         tokenizer = self.cascade.backends[k].tokenizer
         streaming = k == self.top
-        ids: dict[int, list[int]] = {i: [] for i in range(len(batch))}
+        ids: dict[int, list[int]] = defaultdict(list)  # the batch may grow (join admission)
 
         def on_step(rows: list[int], tokens: list[int]) -> list[int]:
             abandon = []
@@ -221,9 +338,11 @@ class CascadeEngine:
                     continue
                 ids[i].append(tok)
                 text = tokenizer.decode(ids[i], skip_special_tokens=True)
-                if text.endswith("\ufffd") or not text.startswith(job.sent_text):
+                if text.endswith("\ufffd"):
                     continue  # an incomplete UTF-8 character: wait for the next token
-                self._send_delta(job, text[len(job.sent_text):])
+                text = streamable(text, job.stop)
+                if text.startswith(job.sent_text):
+                    self._send_delta(job, text[len(job.sent_text):])
             return abandon
 
         return on_step
@@ -248,12 +367,20 @@ class CascadeEngine:
         cost = sum(t.cost_flops for t in job.traces)
         top_cost = st.trace.cost_flops if k == self.top else call_cost(
             self.top_params, out.prompt_tokens, out.generated_tokens)
+        text, stopped = cut_at_stop(st.trace.output, job.stop)
+        logprobs = None
+        if job.top_logprobs is not None:
+            tokenizer = self.cascade.backends[k].tokenizer
+            logprobs = token_logprobs(
+                out.token_ids, out.token_logprobs, out.top_ids, out.top_logprobs,
+                job.top_logprobs, len(text),
+                lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         result = JobResult(
-            text=st.trace.output, stopped_at_stage=k,
+            text=text, stopped_at_stage=k, logprobs=logprobs,
             stage_probabilities=[t.p for t in job.traces], latency_ms=1000 * latency,
             cost_flops=cost, prompt_tokens=out.prompt_tokens,
             completion_tokens=out.generated_tokens,
-            finish_reason="length" if out.stop_reason == "length" else "stop",
+            finish_reason="length" if out.stop_reason == "length" and not stopped else "stop",
             trace=[{"stage": t.stage, "model": t.model, "p": t.p, "decision": t.decision,
                     "why": t.why, "generated_tokens": t.generated_tokens,
                     "wall_s": t.wall_s} for t in job.traces])
@@ -270,6 +397,27 @@ class CascadeEngine:
         if job.events is not None:
             job.loop.call_soon_threadsafe(job.events.put_nowait, ("error", message))
         job.loop.call_soon_threadsafe(_resolve, job.done, None, RuntimeError(message))
+
+
+@dataclass
+class _Session:
+    """One stage's running batch under join admission."""
+
+    stage: int
+    key: tuple[float, float]
+    """(temperature, top_p): one decode loop samples with one setting."""
+    jobs: list[Job]
+    """Jobs in the order the decode loop numbers them (the first batch, then joiners)."""
+    settled: set[int]
+    steps: Iterator[list[tuple[int, GenerationOutput]]]
+
+
+def _key(job: Job) -> tuple[float, float]:
+    return job.temperature, job.top_p
+
+
+def _requests(jobs: list[Job]) -> list[GenerationRequest]:
+    return [GenerationRequest(j.prompt, seed=j.seed, max_new_tokens=j.max_tokens) for j in jobs]
 
 
 def _resolve(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from toolkit.serving.schemas import BAD_REQUEST_ERRORS
 from toolkit.serving.stats import ServerStats
 
 log = logging.getLogger("toolkit.serving")
@@ -116,7 +117,10 @@ async def _reply(send: Any, status: int, message: str, code: str | None = None,
 
 
 def _loc(loc: tuple) -> str:
-    parts = [str(p) for p in loc if p != "body"]
+    """``messages.0.content`` from pydantic's location, without the union members' tags
+    (``str``, ``list[TextPart]``, ``function-after[...]``)."""
+    parts = [str(p) for p in loc if p != "body" and not (
+        isinstance(p, str) and ("[" in p or p in ("str", "int", "float", "bool", "none")))]
     return ".".join(parts) or "body"
 
 
@@ -137,13 +141,21 @@ def install_error_handlers(app: FastAPI) -> None:
         if any(e.get("loc") == ("body",) and e.get("type") == "missing" for e in errors):
             return JSONResponse(error_body(422, "request body is missing: send a JSON object",
                                            param="body", code="missing_body"), status_code=422)
-        msgs = [f"{_loc(e['loc'])}: {e['msg']}" for e in errors]
-        first = errors[0]
-        return JSONResponse(error_body(422, "; ".join(msgs), param=_loc(first["loc"]),
-                                       code=str(first.get("type"))), status_code=422)
+        # Invalid Unicode, unsupported options and unknown fields are 400s (the request is
+        # well-formed but asks for something this server will not do); the rest, 422.
+        refused = [e for e in errors if e.get("type") in BAD_REQUEST_ERRORS]
+        status, shown = (400, refused) if refused else (422, errors)
+        msgs = [f"{_loc(e['loc'])}: " + ("unknown field: not supported by this server"
+                                         if e.get("type") == "extra_forbidden" else e["msg"])
+                for e in shown]
+        first = shown[0]
+        return JSONResponse(error_body(status, "; ".join(msgs), param=_loc(first["loc"]),
+                                       code=str(first.get("type"))), status_code=status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        if isinstance(err.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+            return _invalid_utf8(err.__cause__)
         return JSONResponse(error_body(err.status_code, str(err.detail)),
                             status_code=err.status_code, headers=getattr(err, "headers", None))
 
@@ -152,3 +164,35 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("unhandled error on %s", request.url.path)
         return JSONResponse(error_body(500, "internal server error (see the server log)"),
                             status_code=500)
+
+
+def _invalid_utf8(err: UnicodeDecodeError) -> JSONResponse:
+    """A 400 naming the field whose text is not valid UTF-8 (raw bytes such as a UTF-8-encoded
+    surrogate ``\\xed\\xa0\\x80``): the body is decoded again with the bad bytes escaped to
+    lone surrogates, and the first string holding one is named."""
+    where = f"byte {err.start} of the body"
+    try:
+        body = json.loads(bytes(err.object).decode("utf-8", "surrogateescape"))
+    except ValueError:
+        return JSONResponse(error_body(400, f"body is not valid UTF-8 ({where})",
+                                       "body", "invalid_unicode"), status_code=400)
+    path = _surrogate_path(body) or ["body"]
+    param = ".".join(str(p) for p in path)
+    return JSONResponse(error_body(400, f"{param}: text is not valid UTF-8 ({where})", param,
+                                   "invalid_unicode"), status_code=400)
+
+
+def _surrogate_path(value: Any, path: list[Any] | None = None) -> list[Any] | None:
+    """The path (keys and indices) of the first string with a lone surrogate, or None."""
+    path = path or []
+    if isinstance(value, str):
+        return path if any(0xD800 <= ord(c) <= 0xDFFF for c in value) else None
+    items = value.items() if isinstance(value, dict) else (
+        enumerate(value) if isinstance(value, list) else ())
+    for key, item in items:
+        if isinstance(key, str) and _surrogate_path(key) is not None:
+            return [*path, key]
+        found = _surrogate_path(item, [*path, key])
+        if found is not None:
+            return found
+    return None

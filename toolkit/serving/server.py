@@ -19,9 +19,9 @@ import sys
 from dataclasses import replace
 from typing import Any
 
+from toolkit.cascade.bundle import BuildRecipe
 from toolkit.generation.base import DecodingConfig
 from toolkit.serving.app import Limits, create_app
-from toolkit.cascade.bundle import BuildRecipe
 from toolkit.serving.bundle import BundleError, check_models, load_bundle
 
 log = logging.getLogger("toolkit.serving")
@@ -60,7 +60,8 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
           decoding: DecodingConfig | None = None, build_bundle: bool = False,
           build: BuildRecipe | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, max_batch: int = 8, wait_ms: float = 10.0,
-          max_queue: int = 64, limits: Limits | None = None, dtype: str = "float32",
+          max_queue: int = 64, admission: str = "join", limits: Limits | None = None,
+          dtype: str = "float32",
           device: str = "cpu", threads: int | None = None, model_name: str = "cascade",
           log_level: str = "info") -> dict[str, Any] | None:
     """Serve a cascade bundle over HTTP (FastAPI + uvicorn), or build the bundle.
@@ -82,6 +83,9 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
         max_batch: most requests decoded together in one stage batch.
         wait_ms: how long a request may wait for others to join its batch.
         max_queue: most requests queued or running; more get 503 with Retry-After.
+        admission: ``join``: a request joins its stage's running batch at the next decoding
+            step (up to max_batch); ``batch``: it waits until that batch ends (the earlier
+            behaviour, kept for comparison).
         limits: per-request limits (body size, prompt tokens, max_tokens) and the timeout.
         dtype: model weights dtype.
         device: cpu or cuda[:i].
@@ -102,6 +106,8 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
     if not is_loopback(host) and not api_key:
         raise BundleError(f"binding {host} (not loopback) needs an API key: set "
                           "TOOLKIT_API_KEY or --api_key")
+    if admission not in ("join", "batch"):
+        raise BundleError(f"admission must be 'join' or 'batch', got {admission!r}")
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue),
                         ("limits.max_tokens_limit", limits.max_tokens_limit),
                         ("limits.max_prompt_tokens", limits.max_prompt_tokens)):
@@ -130,7 +136,7 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
     cascade = LiveCascade(backends, loaded.predictor, policy, cal_decoding, batch_size=max_batch)
     stats = ServerStats(len(backends), [b.info.slug for b in backends])
     engine = CascadeEngine(cascade, stats, max_batch=max_batch, wait_ms=wait_ms,
-                           max_queue=max_queue)
+                           max_queue=max_queue, admission=admission)
     # Names and hashes only: /stats must not reveal where files live on the server.
     info = {"bundle": loaded.path.name,
             "bundle_sha256": hashlib.sha256((loaded.path / "bundle.json").read_bytes()

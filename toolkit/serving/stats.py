@@ -34,6 +34,7 @@ class ServerStats:
         self.generated_tokens = 0
         self.batches: Counter[int] = Counter()  # stage -> micro-batches run
         self.batched_requests: Counter[int] = Counter()  # stage -> requests in them
+        self.joins: Counter[int] = Counter()  # stage -> requests that joined a running batch
         self.queue_depth = 0
         self.in_flight = 0
         self.abandoned = 0  # requests whose decoding stopped mid-answer: the client left
@@ -62,6 +63,12 @@ class ServerStats:
         with self.lock:
             self.batches[stage] += 1
             self.batched_requests[stage] += size
+
+    def joined(self, stage: int, size: int) -> None:
+        """Requests that joined a running batch of the stage (join admission)."""
+        with self.lock:
+            self.batched_requests[stage] += size
+            self.joins[stage] += size
 
     # ------------------------------------------------------------------- reads
     @staticmethod
@@ -97,7 +104,8 @@ class ServerStats:
                 "generated_tokens": self.generated_tokens,
                 "micro_batches": {str(k): {"batches": self.batches[k],
                                            "mean_size": (self.batched_requests[k]
-                                                         / self.batches[k])}
+                                                         / self.batches[k]),
+                                           "joined_running_batch": self.joins[k]}
                                   for k in sorted(self.batches)},
             }
 
