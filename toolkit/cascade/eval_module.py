@@ -9,22 +9,25 @@ come from ``replay.py`` (the same code the live runner uses to decide).
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
-from toolkit.cascade import replay
+from toolkit.cascade import replay, route_replay
 from toolkit.cascade.features import CascadeInputError
 from toolkit.cascade.prompt_table import PromptTable, count_prompts, load_prompt_table
 from toolkit.evaluation.harness import EvaluationModule, pyplot
 from toolkit.evaluation.results import RunReport, metric, paired_difference
 
 FIXED = ("always-top", "always-first", "fixed-2stage", "oracle", "oracle-route")
-METHODS = (*FIXED, "random", "threshold", "cascade")
+METHODS = (*FIXED, "random", "threshold", "cascade", *route_replay.ROUTED)
+LEARNED = ("cascade", "threshold", *route_replay.ROUTED)
 
 
 class PromptIndexDataModule(LightningDataModule):
@@ -45,7 +48,8 @@ class CascadeReplayEval(EvaluationModule):
 
     Args:
         method: one of always-top, always-first, fixed-2stage, oracle, oracle-route, random,
-            threshold, cascade.
+            threshold, cascade, route-only, cascade-routing, router-logistic, router-knn,
+            router-mf (``route_replay.py``).
         data_dir: labelled records (``cli.py label``).
         lam: λ, the price of a wrong answer in top-stage-call units (cascade, threshold).
         sweep: λ values for the quality–cost curve (null: 0.1 … 50, finer where the curve
@@ -63,6 +67,13 @@ class CascadeReplayEval(EvaluationModule):
         num_stages: stages of the cascade.
         seed: seed of predictor training and of ``random``.
         random_seeds: seeds averaged for ``random``.
+        router: the router whose predictions put prompts in cells for route-only and
+            cascade-routing (logistic, knn, mf).
+        router_model: slug of the model whose prompt embeddings the routers read (the
+            sidecar ``<data_dir>/prompt_embeddings/<slug>.npz``, ``python cli.py embed``).
+        router_stages: stages whose predicted correctness defines a prompt's cell.
+        router_bins: quantile bins of each of those predictions.
+        peers: the learned methods compared at every budget, beside the run's own.
     """
 
     def __init__(self, method: str = "cascade", data_dir: str = "data/cascade", lam: float = 1.0,
@@ -70,11 +81,15 @@ class CascadeReplayEval(EvaluationModule):
                  budget_mixing: bool = True, folds: int = 5, n_bins: int = 3,
                  risk_prior: list[float] | None = None,
                  schema: str = "topk", num_stages: int = 3, seed: int = 0,
-                 random_seeds: int = 3) -> None:
+                 random_seeds: int = 3, router: str = "logistic",
+                 router_model: str = "smollm2-135m-instruct",
+                 router_stages: list[int] | None = None, router_bins: int = 2,
+                 peers: list[str] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.sweep = sweep or [0.1, 0.2, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10, 15, 20, 50]
         self.budgets = budgets or []
+        self.peers = list(peers) if peers is not None else ["cascade", "threshold"]
 
     def setup(self, stage: str) -> None:
         # Checked here, not in __init__: jsonargparse would bury the message in its own.
@@ -85,6 +100,9 @@ class CascadeReplayEval(EvaluationModule):
             raise CascadeInputError(f"lam must be > 0, got {hp.lam}")
         if self.budgets and min(self.budgets) <= 0:
             raise CascadeInputError(f"budgets must be > 0, got {self.budgets}")
+        bad = [p for p in self.peers if p not in LEARNED]
+        if bad:
+            raise CascadeInputError(f"peers must be learned methods {LEARNED}, got {bad}")
 
     # ------------------------------------------------------------ decisions
     def on_test_start(self) -> None:
@@ -98,7 +116,8 @@ class CascadeReplayEval(EvaluationModule):
         for m in FIXED:
             stage, ran = replay.fixed_method(m, t)
             self.decisions[m] = (stage, replay.charge(ran, t.cost), replay.charge(ran, t.wall_s))
-        if hp.method in ("cascade", "threshold", "random"):
+        self.curves: dict[str, list[dict[str, float]]] = {}
+        if hp.method in ("random", *LEARNED):
             self.cv = replay.cv_scores(t, hp.folds, hp.seed)
             cv = replay.cross_validated(t, self.cv, hp.lam, hp.n_bins, prior)
             self.decisions["cascade"] = (cv["cascade_stage"], cv["cascade_cost"],
@@ -106,8 +125,16 @@ class CascadeReplayEval(EvaluationModule):
             self.decisions["threshold"] = (cv["threshold_stage"], cv["threshold_cost"],
                                            replay.paid(t.wall_s, cv["threshold_stage"]))
             self.curve = [self._point(lam, prior) for lam in self.sweep]
+            for m in ("cascade", "threshold"):
+                self.curves[m] = [{"lambda": p["lambda"], "cost": p[f"{m}_cost"],
+                                   "accuracy": p[f"{m}_accuracy"]} for p in self.curve]
+            self.budget_stages: dict[float, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
             self.extra["budgets"] = [self._budget(b, prior) for b in self.budgets]
             self.extra["predictor_auroc"] = replay.auroc_against_logistic(t, self.cv, hp.seed)
+            routed = [m for m in dict.fromkeys([hp.method, *self.peers])
+                      if m in route_replay.ROUTED]
+            if routed:
+                self._routing(routed)
         target = float(self.decisions.get("cascade", self.decisions["fixed-2stage"])[1].mean())
         self.random_runs = [replay.random_escalation(t, target, hp.seed + s)
                             for s in range(hp.random_seeds)]
@@ -131,6 +158,8 @@ class CascadeReplayEval(EvaluationModule):
         """Cascade vs threshold vs random, each held to ``budget`` (paired, same prompts)."""
         d = replay.at_budget(self.table, self.cv, budget, self.hparams.n_bins, prior,
                              self.hparams.seed, self.hparams.budget_mixing)
+        self.budget_stages[budget] = {m: (d[f"{m}_stage"], d[f"{m}_cost"])
+                                      for m in ("cascade", "threshold", "random")}
         acc = {m: self._accuracy(d[f"{m}_stage"]) for m in ("cascade", "threshold", "random")}
         out: dict[str, Any] = {"budget": budget, "lambdas": d["lambdas"],
                                "mix_q": d["mix_q"]}
@@ -140,6 +169,82 @@ class CascadeReplayEval(EvaluationModule):
             out[f"cascade_minus_{other}_accuracy"] = paired_difference(acc["cascade"],
                                                                        acc[other])
         return out
+
+    # ------------------------------------------------------------- routing
+    def _routing(self, routed: list[str]) -> None:
+        """Decisions, λ curves and budget comparisons of the methods that read the prompt
+        first (``route_replay.py``), charged the router's forward."""
+        from toolkit.cascade.prompt_embeddings import load_sidecar
+
+        hp, t = self.hparams, self.table
+        emb, flops, meta = load_sidecar(hp.data_dir, t.ids, hp.router_model)
+        embed_cost = np.asarray(flops, dtype=np.float64) / t.flops[:, -1].mean()
+        kinds = {m.removeprefix("router-") if m.startswith("router-") else hp.router
+                 for m in routed}
+        self.router_scores = {k: route_replay.router_scores(self.cv, emb, t.correct,
+                                                            embed_cost, k, hp.seed)
+                              for k in sorted(kinds)}
+        cfg = route_replay.RoutingConfig(tuple(hp.router_stages or (1, 2)), hp.router_bins,
+                                         hp.n_bins)
+        self.routing_cfg = cfg
+        for m in routed:
+            rs = self._router_of(m)
+            stage, ran = route_replay.routed(m, t, self.cv, rs, hp.lam, cfg)
+            self.decisions[m] = (stage, replay.charge(ran, t.cost) + rs.embed_cost,
+                                 replay.charge(ran, t.wall_s))
+            self.curves[m] = []
+            for lam in self.sweep:
+                s, r = route_replay.routed(m, t, self.cv, rs, lam, cfg)
+                self.curves[m].append({
+                    "lambda": lam, "cost": float((replay.charge(r, t.cost) + rs.embed_cost)
+                                                 .mean()),
+                    "accuracy": float(self._accuracy(s).mean())})
+        budgets = []
+        for b in self.budgets:
+            stages = dict(self.budget_stages[b])
+            lambdas = {}
+            for m in routed:
+                s, c, lams = route_replay.routed_at_budget(m, t, self.cv, self._router_of(m),
+                                                           b, cfg)
+                stages[m], lambdas[m] = (s, c), lams
+            budgets.append(self._compare_at_budget(b, stages, lambdas))
+        self.extra["routing"] = {
+            "router": hp.router, "router_model": meta.get("slug", hp.router_model),
+            "router_sha256": meta.get("sha256"), "cells": {"stages": list(cfg.stages),
+                                                           "bins": cfg.bins},
+            "embed_relative_cost": float(embed_cost.mean()),
+            "router_auroc": {k: [float(roc_auc_score(t.correct[:, s], rs.R_test[:, s]))
+                                 if 0 < t.correct[:, s].mean() < 1 else None
+                                 for s in range(t.num_stages)]
+                             for k, rs in self.router_scores.items()},
+            "budgets": budgets}
+
+    def _router_of(self, method: str) -> route_replay.RouterScores:
+        kind = method.removeprefix("router-") if method.startswith("router-") else \
+            self.hparams.router
+        return self.router_scores[kind]
+
+    def _compare_at_budget(self, budget: float, stages: dict[str, tuple[np.ndarray, ...]],
+                           lambdas: dict[str, list[float]]) -> dict[str, Any]:
+        """Every method held to ``budget``, and the focus method (the run's, or
+        cascade-routing) minus each other, paired over prompts."""
+        focus = self.hparams.method if self.hparams.method in stages else "cascade-routing"
+        acc = {m: self._accuracy(s) for m, (s, _) in stages.items()}
+        out: dict[str, Any] = {"budget": budget, "focus": focus, "lambdas": lambdas,
+                               "methods": {m: {"accuracy": metric(acc[m]),
+                                               "relative_cost": metric(c)}
+                                           for m, (_, c) in stages.items()}}
+        if focus in acc:
+            out["focus_minus"] = {m: paired_difference(acc[focus], acc[m])
+                                  for m in acc if m != focus}
+        return out
+
+    def _cost_at_top_minus_1pt(self, method: str) -> float | None:
+        """The lowest held-out relative cost on the method's λ curve at which its accuracy is
+        within 1 point of always-top's; None if never reached."""
+        goal = float(self._accuracy(self.decisions["always-top"][0]).mean()) - 0.01
+        ok = [p["cost"] for p in self.curves.get(method, []) if p["accuracy"] >= goal - 1e-12]
+        return min(ok) if ok else None
 
     def test_step(self, batch: torch.Tensor, _: int) -> None:
         t = self.table
@@ -154,7 +259,9 @@ class CascadeReplayEval(EvaluationModule):
 
     # -------------------------------------------------------------- results
     def build_report(self, rows: list[dict[str, Any]]) -> RunReport:
-        extra = {"comparison": self._comparison(), "curve": self.curve, **self.extra}
+        extra = {"comparison": self._comparison(), "curve": self.curve, "curves": self.curves,
+                 "cost_at_top_minus_1pt": {m: self._cost_at_top_minus_1pt(m)
+                                           for m in self.curves}, **self.extra}
         return RunReport(self.hparams.method, self._metrics(rows), rows, dict(self.hparams),
                          self.hparams.seed, self._models(),
                          {"name": str(self.hparams.data_dir),
@@ -167,7 +274,12 @@ class CascadeReplayEval(EvaluationModule):
         costs = np.array([r["cost"] for r in rows])
         lat = np.array([r["latency_s"] for r in rows])
         full = self.table.cost.sum(1).mean()
-        return {"accuracy": metric([r["correct"] for r in rows]),
+        learned = {}
+        if self.hparams.method in self.curves:
+            learned["cost_at_top_minus_1pt"] = {
+                "value": self._cost_at_top_minus_1pt(self.hparams.method), "n": len(rows),
+                "goal": "always-top accuracy - 1 point, lowest relative cost on the λ curve"}
+        return {**learned, "accuracy": metric([r["correct"] for r in rows]),
                 "agreement_with_top": metric([r["agreement"] for r in rows]),
                 "relative_cost": metric(costs),
                 "cost_saving_seed": {"value": float(1 - costs.mean() / full), "n": len(rows)},
@@ -217,17 +329,16 @@ class CascadeReplayEval(EvaluationModule):
     def figures(self, rows: list[dict[str, Any]], report: RunReport) -> dict[str, Any]:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
-        curve, comparison = report.extra["curve"], report.extra["comparison"]
-        if curve:
-            ax.plot([p["cascade_cost"] for p in curve], [p["cascade_accuracy"] for p in curve],
-                    "o-", label="cascade (λ sweep)")
-            ax.plot([p["threshold_cost"] for p in curve],
-                    [p["threshold_accuracy"] for p in curve], "s--", label="threshold (λ sweep)")
+        curves, comparison = report.extra["curves"], report.extra["comparison"]
+        for (m, points), style in zip(curves.items(), itertools.cycle(["o-", "s--", "d-.",
+                                                                        "x:", "^-", "v--"])):
+            ax.plot([p["cost"] for p in points], [p["accuracy"] for p in points], style,
+                    markersize=4, label=f"{m} (λ sweep)")
         # One marker per fixed method, named in the legend: text labels beside the points
         # overlap where two methods have the same accuracy at nearly the same cost.
-        markers = iter("^v<>DPX*")
+        markers = itertools.cycle("^v<>DPX*")
         for m, v in comparison.items():
-            if m in METHODS and m not in ("cascade", "threshold"):
+            if m in FIXED or m == "random":
                 ax.plot(v["relative_cost"]["value"], v["accuracy"]["value"], next(markers),
                         color="k", linestyle="none", markersize=7, fillstyle="none", label=m)
         ax.set_xlabel("relative cost (always-top = 1)")
@@ -251,10 +362,12 @@ class CascadeReplayCallback(Callback):
     Args:
         lam: λ of the stopping policy.
         data_dir: the labelled records; default: the trainer's DataModule's ``data_dir``.
+        every_n_epochs: replay after every n-th validation epoch (and the last one).
     """
 
-    def __init__(self, lam: float = 1.0, data_dir: str | None = None) -> None:
-        self.lam, self.data_dir = lam, data_dir
+    def __init__(self, lam: float = 1.0, data_dir: str | None = None,
+                 every_n_epochs: int = 5) -> None:
+        self.lam, self.data_dir, self.every_n_epochs = lam, data_dir, every_n_epochs
         self.table: PromptTable | None = None
 
     def on_validation_epoch_end(self, trainer: Any, pl_module: LightningModule) -> None:
@@ -262,6 +375,9 @@ class CascadeReplayCallback(Callback):
 
         if trainer.sanity_checking:
             return
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if (trainer.current_epoch + 1) % self.every_n_epochs and not last:
+            return  # the replay fits a policy per call: a watch dial, not needed every epoch
         if self.table is None:
             data_dir = self.data_dir or trainer.datamodule.hparams.data_dir
             self.table = load_prompt_table(data_dir, pl_module.hparams.schema,

@@ -43,28 +43,38 @@ def targets_of(rec: dict[str, Any], top_stage: int, bleu_threshold: float) -> np
     return np.asarray([correct, agree], dtype=np.float32)
 
 
-class StageRecordStream(IterableDataset):
-    """(features, targets) of every record of one split, sharded by rank and worker."""
+def read_split(files: list[Path], split: str, schema: FeatureSchema,
+               bleu_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(features [N, F], targets [N, 2]) of every record of one split, in file order."""
+    feats, targets = [], []
+    for path in files:
+        for rec in read_jsonl(path):
+            if rec["split"] == split:
+                feats.append(record_features(rec, schema))
+                targets.append(targets_of(rec, schema.num_stages - 1, bleu_threshold))
+    if not feats:
+        return np.zeros((0, schema.dim), np.float32), np.zeros((0, 2), np.float32)
+    return np.stack(feats), np.stack(targets)
 
-    def __init__(self, files: list[Path], split: str, schema: FeatureSchema,
-                 bleu_threshold: float, rank: int = 0, world_size: int = 1) -> None:
-        self.files, self.split, self.schema = files, split, schema
-        self.bleu_threshold, self.rank, self.world_size = bleu_threshold, rank, world_size
+
+class StageRecordStream(IterableDataset):
+    """(features, targets) of every record of one split, sharded by rank and worker.
+
+    The rows are read and featurised once per process (``read_split``) and kept in memory:
+    re-parsing the JSONL every epoch cost most of ``fit``'s time.
+    """
+
+    def __init__(self, features: np.ndarray, targets: np.ndarray, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.features, self.targets = torch.from_numpy(features), torch.from_numpy(targets)
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         shard, shards = self.rank * workers + worker, self.world_size * workers
-        i = 0
-        for path in self.files:
-            for rec in read_jsonl(path):
-                if rec["split"] != self.split:
-                    continue
-                if i % shards == shard:
-                    yield (torch.from_numpy(record_features(rec, self.schema)),
-                           torch.from_numpy(targets_of(rec, self.schema.num_stages - 1,
-                                                       self.bleu_threshold)))
-                i += 1
+        for i in range(shard, len(self.features), shards):
+            yield self.features[i], self.targets[i]
 
 
 class CascadeRecordsDataModule(LightningDataModule):
@@ -86,15 +96,18 @@ class CascadeRecordsDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.schema = build_schema(schema, num_stages)
         self.files = record_files(data_dir)
-        self._split_rows: dict[str, int] = {}  # rows per split, counted on first use
+        self._splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # read on first use
+
+    def _split(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split not in self._splits:
+            self._splits[split] = read_split(self.files, split, self.schema,
+                                             self.hparams.bleu_threshold)
+        return self._splits[split]
 
     def num_batches(self, split: str) -> int:
         """Batches of ``split`` this rank sees per epoch (for the progress bar; see
-        :mod:`toolkit.common.progress`); counted once per split from the records' split field."""
-        counts = self._split_rows
-        if split not in counts:
-            counts[split] = sum(rec["split"] == split for path in self.files
-                                for rec in read_jsonl(path))
+        :mod:`toolkit.common.progress`)."""
+        counts = {split: len(self._split(split)[0])}
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
         workers = max(1, self.hparams.num_workers)  # each worker batches its own shard
@@ -105,8 +118,7 @@ class CascadeRecordsDataModule(LightningDataModule):
     def _stream(self, split: str) -> StageRecordStream:
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1
-        return StageRecordStream(self.files, split, self.schema, self.hparams.bleu_threshold,
-                                 rank, world)
+        return StageRecordStream(*self._split(split), rank, world)
 
     def _loader(self, split: str) -> DataLoader:
         return DataLoader(self._stream(split), batch_size=self.hparams.batch_size,
@@ -123,9 +135,7 @@ class CascadeRecordsDataModule(LightningDataModule):
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """All (features, targets) of a split in memory (for statistics and checks)."""
-        stream = StageRecordStream(self.files, split, self.schema, self.hparams.bleu_threshold)
-        rows = list(stream)
-        if not rows:
+        x, y = self._split(split)
+        if not len(x):
             raise CascadeInputError(f"no {split} records under {self.hparams.data_dir}")
-        return (torch.stack([r[0] for r in rows]).numpy(),
-                torch.stack([r[1] for r in rows]).numpy())
+        return x, y

@@ -104,6 +104,7 @@ class StoppingPolicy:
     risk_prior: tuple[float, float] | None = None
     expected_value: float = float("nan")
     meta: dict[str, Any] = field(default_factory=dict)
+    escalate: bool = True  # False: answer with the entry stage (a route-only policy)
 
     @property
     def num_stages(self) -> int:
@@ -121,7 +122,7 @@ class StoppingPolicy:
 
     def decide(self, stage: int, history: History, group: str = "") -> Decision:
         """What to do after ``stage`` ran; ``history`` already includes (stage, its bin)."""
-        if stage == self.num_stages - 1:
+        if stage == self.num_stages - 1 or not self.escalate:
             return Decision("stop", None, float("nan"), float("inf"), 0)
         table = self.decisions.get(group, self.decisions.get("", {}))
         return table.get(history) or self.stage_fallback[stage]
@@ -193,7 +194,7 @@ def _adjusted_acc(y: np.ndarray, prior: tuple[float, float] | None) -> float:
 
 def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: int = 3,
                groups: np.ndarray | None = None, risk_prior: tuple[float, float] | None = None,
-               allow_skip: bool = True) -> StoppingPolicy:
+               allow_skip: bool = True, escalate: bool = True) -> StoppingPolicy:
     """Solve the stopping policy on calibration prompts.
 
     Args:
@@ -205,6 +206,9 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
         groups: [N] prompt-only group of each prompt (entry decision per group).
         risk_prior: (α0, β0) Beta prior for the accuracies of histories, or None.
         allow_skip: let the entry decision skip leading stages.
+        escalate: let a drafted answer be escalated; False makes the entry decision the only
+            one (route only: each group answers with the stage that minimises its mean
+            cost + λ · (1 − accuracy)).
     """
     if lam <= 0 or not np.isfinite(lam):
         raise ValueError(f"lambda must be a positive number, got {lam}")
@@ -228,7 +232,7 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
         def after(k: int, hist: History, sub: np.ndarray) -> np.ndarray:
             """Realised value of each prompt in ``sub`` after stage k ran, acting optimally."""
             stop_real = lam * (1.0 - Y[sub, k])
-            if k == L - 1:
+            if k == L - 1 or not escalate:
                 return stop_real
             stop_val = lam * (1.0 - _adjusted_acc(Y[sub, k], risk_prior))
             best = ("stop", None, stop_val, stop_real)
@@ -279,7 +283,8 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
                                      None if stop_v <= go_v else nxt, stop_v, go_v, n)
     for k in range(L - 1):
         stage_fallback.setdefault(k, Decision("go", k + 1, float("nan"), float("nan"), 0))
-    return StoppingPolicy(lam, edges, entry, decisions, stage_fallback, risk_prior, total / N)
+    return StoppingPolicy(lam, edges, entry, decisions, stage_fallback, risk_prior, total / N,
+                          escalate=escalate)
 
 
 def evaluate(policy: AnyPolicy, P: np.ndarray, Y: np.ndarray, C: np.ndarray,
@@ -368,7 +373,7 @@ def policy_to_dict(p: AnyPolicy) -> dict[str, Any]:
                           for g, table in p.decisions.items() for hist, d in table.items()],
             "stage_fallback": {str(k): dec(d) for k, d in p.stage_fallback.items()},
             "risk_prior": list(p.risk_prior) if p.risk_prior else None,
-            "expected_value": p.expected_value, "meta": p.meta}
+            "expected_value": p.expected_value, "meta": p.meta, "escalate": p.escalate}
 
 
 def policy_from_dict(d: dict[str, Any]) -> AnyPolicy:
@@ -391,4 +396,4 @@ def policy_from_dict(d: dict[str, Any]) -> AnyPolicy:
         d["lam"], [np.asarray(e) for e in d["bin_edges"]], dict(d["entry"]), tables,
         {int(k): dec(v) for k, v in d["stage_fallback"].items()},
         tuple(d["risk_prior"]) if d["risk_prior"] else None, d["expected_value"],
-        d.get("meta", {}))
+        d.get("meta", {}), bool(d.get("escalate", True)))

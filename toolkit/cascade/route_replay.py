@@ -1,0 +1,143 @@
+"""Replay of the methods that read the prompt first (routers, cascade routing), on the same
+folds, records and cost accounting as ``replay.py``.
+
+Every method here pays the router's forward (the prompt embedding, ``embed_cost`` per prompt,
+in units of the mean top-stage call) on top of the stages it runs. Methods, per prompt:
+
+* ``router-<kind>``: route only, continuous: the stage minimising cost + λ(1 − R) on the
+  router's predictions (``routing.route_decisions``), kinds ``logistic``, ``knn``, ``mf``;
+* ``route-only``: the stopping solver with ``escalate=False`` on router cells: the entry stage
+  per cell, solved exactly on calibration prompts, and no escalation;
+* ``cascade-routing``: the stopping solver on router cells: entry stage and every post-draft
+  decision (stop, or run any later stage) per cell, solved exactly on calibration prompts.
+
+Router predictions are out-of-fold twice over, like the predictor's (``replay.cv_scores``): a
+test prompt's R comes from a router fitted on the other folds, and the calibration prompts' R
+from routers fitted inside the training folds, so calibration looks like test time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from toolkit.cascade import routing
+from toolkit.cascade.prompt_table import PromptTable
+from toolkit.cascade.replay import CvScores
+from toolkit.cascade.stopping import calibrate_lambda, evaluate, fit_policy
+
+ROUTED = ("route-only", "cascade-routing", *(f"router-{k}" for k in routing.ROUTERS))
+
+
+@dataclass
+class RouterScores:
+    """A router's out-of-fold predictions, computed once and shared by every λ and budget."""
+
+    kind: str
+    R_test: np.ndarray  # [N, L] from the router that did not see the prompt's fold
+    R_cal: dict[int, np.ndarray]  # fold -> [N_train, L] nested out-of-fold in training folds
+    embed_cost: np.ndarray  # [N] the router's forward, in mean-top-call units
+
+
+def router_scores(cv: CvScores, embeddings: np.ndarray, correct: np.ndarray,
+                  embed_cost: np.ndarray, kind: str = "logistic", seed: int = 0
+                  ) -> RouterScores:
+    R_test, R_cal = np.zeros(correct.shape), {}
+    for f in cv.P_cal:
+        te, tr = cv.fold == f, cv.fold != f
+        R_cal[f] = routing.out_of_fold(kind, embeddings[tr], correct[tr], cv.fold[tr], seed)
+        R_test[te] = routing.fit_predict(kind, embeddings[tr], correct[tr], embeddings[te],
+                                         seed)
+    return RouterScores(kind, R_test, R_cal, np.asarray(embed_cost, dtype=np.float64))
+
+
+@dataclass
+class RoutingConfig:
+    """How router predictions become cells for ``route-only`` and ``cascade-routing``."""
+
+    stages: tuple[int, ...] = (1, 2)
+    """Stages whose predicted correctness defines a prompt's cell."""
+    bins: int = 2
+    """Quantile bins of each of those predictions (cells = bins ** len(stages))."""
+    n_bins: int = 3
+    """Bins of each stage's post-draft p in the policy's histories."""
+
+
+def _policy_kwargs(method: str) -> dict[str, bool]:
+    return {"escalate": method == "cascade-routing"}
+
+
+def routed(method: str, t: PromptTable, cv: CvScores, rs: RouterScores, lam: float,
+           cfg: RoutingConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(answering stage [N], stages run [N, L]) of each prompt, out of fold, at λ; the cost
+    is ``charge(ran, t.cost) + rs.embed_cost``."""
+    cfg = cfg or RoutingConfig()
+    N, L = t.correct.shape
+    stage, ran = np.zeros(N, int), np.zeros((N, L), bool)
+    C = t.cost
+    for f, P_cal in cv.P_cal.items():
+        te, tr = cv.fold == f, cv.fold != f
+        if method.startswith("router-"):
+            stage[te] = routing.route_decisions(rs.R_test[te], C[tr].mean(0), lam)
+            ran[te] = np.arange(L)[None, :] == stage[te][:, None]
+            continue
+        cells_cal, cells_te = routing.router_cells(rs.R_cal[f], rs.R_test[te],
+                                                   list(cfg.stages), cfg.bins)
+        pol = fit_policy(P_cal, t.correct[tr], C[tr], lam, n_bins=cfg.n_bins,
+                         groups=cells_cal, **_policy_kwargs(method))
+        ev = evaluate(pol, cv.P_test[te], t.correct[te], C[te], cells_te)
+        stage[te], ran[te] = ev["stage"], ev["ran"]
+    return stage, ran
+
+
+def routed_at_budget(method: str, t: PromptTable, cv: CvScores, rs: RouterScores,
+                     budget: float, cfg: RoutingConfig | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """Out-of-fold decisions when the method is tuned, on its calibration folds only, to a
+    mean cost (router included) ≤ ``budget``: (stage, cost, λ of each fold)."""
+    cfg = cfg or RoutingConfig()
+    N = len(t.ids)
+    stage, cost, lambdas = np.zeros(N, int), np.zeros(N), []
+    C = t.cost
+    for f, P_cal in cv.P_cal.items():
+        te, tr = cv.fold == f, cv.fold != f
+        left = budget - float(rs.embed_cost[tr].mean())  # what the stages may spend
+        if method.startswith("router-"):
+            mean_c = C[tr].mean(0)
+            lam = _largest_lambda(partial(_route_mean_cost, R=rs.R_cal[f], C=C[tr],
+                                          mean_c=mean_c), left)
+            s = routing.route_decisions(rs.R_test[te], mean_c, lam)
+            stage[te], cost[te] = s, C[te][np.arange(te.sum()), s]
+        else:
+            cells_cal, cells_te = routing.router_cells(rs.R_cal[f], rs.R_test[te],
+                                                       list(cfg.stages), cfg.bins)
+            pol, info = calibrate_lambda(P_cal, t.correct[tr], C[tr], left, groups=cells_cal,
+                                         n_bins=cfg.n_bins, iters=25, mix=True,
+                                         **_policy_kwargs(method))
+            lam = info["lambda"]
+            ev = evaluate(pol, cv.P_test[te], t.correct[te], C[te], cells_te, t.keys[te])
+            stage[te], cost[te] = ev["stage"], ev["cost"]
+        lambdas.append(float(lam))
+    return stage, cost + rs.embed_cost, lambdas
+
+
+def _route_mean_cost(lam: float, R: np.ndarray, C: np.ndarray, mean_c: np.ndarray) -> float:
+    return float(C[np.arange(len(C)), routing.route_decisions(R, mean_c, lam)].mean())
+
+
+def _largest_lambda(mean_cost: Callable[[float], float], budget: float, lo: float = 1e-3,
+                    hi: float = 1e3, iters: int = 40) -> float:
+    """Bisection on log λ: the largest λ whose calibration mean cost stays ≤ budget (the
+    smallest λ tried if none does). Cost grows with λ for a route-only rule."""
+    if mean_cost(lo) > budget:
+        return lo
+    if mean_cost(hi) <= budget:
+        return hi
+    a, b = np.log(lo), np.log(hi)
+    for _ in range(iters):
+        mid = (a + b) / 2
+        a, b = (mid, b) if mean_cost(float(np.exp(mid))) <= budget else (a, mid)
+    return float(np.exp(a))
