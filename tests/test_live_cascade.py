@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from toolkit.cascade.features import build_schema, record_features
+from toolkit.cascade.features import record_features
 from toolkit.cascade.labelling import StageSpec, TaskSpec, label, load_records
 from toolkit.cascade.live import LiveCascade
 from toolkit.cascade.onnx_export import export_onnx
@@ -89,7 +89,6 @@ def test_live_refuses_mismatched_stage_count(setup):
     _, _, _, _, _, policy, predictor, backends, _, _ = setup
     with pytest.raises(ValueError, match="3 stages, but the predictor expects 2"):
         LiveCascade([*backends, backends[0]], predictor, policy)
-    assert build_schema("topk", 2).num_stages == 2
 
 
 def test_seed_api_pipeline(setup, tiny_lm, tiny_lm_b):

@@ -105,6 +105,8 @@ def _cascade_tables(r: dict[str, Any]) -> list[str]:
                 f"cascade at relative cost {_num(t['cascade_cost'])} (λ = "
                 f"{_num(t['cascade_lambda'])}); a routing oracle needs "
                 f"{_num(t['oracle_cost'])}."]
+    if r.get("routing"):
+        out += _routing_tables(r)
     if r.get("predictor_auroc"):
         a = r["predictor_auroc"]
         per = "; ".join(f"stage {k}: {_num(v['mlp'])} vs {_num(v['logistic_regression'])}"
@@ -112,6 +114,34 @@ def _cascade_tables(r: dict[str, Any]) -> list[str]:
         out += ["", f"Out-of-fold AUROC ({a['features']}, all stages pooled): MLP "
                 f"{_num(a['mlp'])}, logistic regression {_num(a['logistic_regression'])}, "
                 f"difference {_ci(a['difference'])} ({per})."]
+    return out
+
+
+def _routing_tables(r: dict[str, Any]) -> list[str]:
+    """Methods that read the prompt first, held to each budget, beside the focus method."""
+    g = r["routing"]
+    out: list[str] = []
+    for b in g["budgets"]:
+        focus = b["focus"]
+        out += ["", f"Budget {b['budget']} (relative cost incl. the router's forward; "
+                f"{focus} − other, paired):", "",
+                f"| method | accuracy | relative cost | {focus} − method [95% CI] |",
+                "|---|---|---|---|"]
+        for m, v in b["methods"].items():
+            diff = _ci(b["focus_minus"][m], True) if m in b.get("focus_minus", {}) else "—"
+            out.append(f"| {m} | {_num(v['accuracy']['value'], True)} | "
+                       f"{_num(v['relative_cost']['value'])} | {diff} |")
+    costs = r.get("cost_at_top_minus_1pt") or {}
+    if costs:
+        cells = ", ".join(f"{m} {_num(v) if v is not None else 'never'}"
+                          for m, v in costs.items())
+        out += ["", f"Least relative cost within 1 point of always-top on each λ curve: {cells}."]
+    auroc = "; ".join(f"{k} " + " / ".join(_num(a) if a is not None else "—" for a in v)
+                      for k, v in g["router_auroc"].items())
+    out += ["", f"Router: {g['router']} cells over stages {g['cells']['stages']} × "
+            f"{g['cells']['bins']} bins; prompt embedding by {g['router_model']} costs "
+            f"{_num(g['embed_relative_cost'])} of a top-stage call per prompt. Out-of-fold "
+            f"router AUROC per stage (0 / 1 / 2): {auroc}."]
     return out
 
 
