@@ -197,3 +197,27 @@ def test_unknown_group_gets_the_pooled_policy():
     grouped = fit_policy(P, Y, C, 1.0, groups=groups)
     pooled = fit_policy(P, Y, C, 1.0)
     assert np.array_equal(evaluate(grouped, P, Y, C)["stage"], evaluate(pooled, P, Y, C)["stage"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shared_decisions_replay_to_their_expected_value(seed):
+    """One pooled post-draft table, the entry per group: replaying the returned policy on its
+    calibration data gives ``expected_value``, and each group's entry is the best start under
+    the pooled table (brute force over starts, replaying a pooled policy forced to start
+    there)."""
+    rng = np.random.default_rng(300 + seed)
+    P, Y, C = _instance(400 + seed, n=60)
+    groups = rng.choice(["x", "y", "z"], size=60)
+    lam = 1.5
+    pol = fit_policy(P, Y, C, lam, groups=groups, shared_decisions=True)
+    assert _realised(pol, P, Y, C, lam, groups) == pytest.approx(pol.expected_value, abs=1e-9)
+    pooled = fit_policy(P, Y, C, lam)
+    for g in np.unique(groups):
+        m = groups == g
+        best = np.inf
+        for s in range(3):
+            pooled.entry = {"": s}
+            ev = evaluate(pooled, P[m], Y[m], C[m])
+            best = min(best, float(np.sum(ev["cost"] + lam * (1 - ev["correct"]))))
+        ev = evaluate(pol, P[m], Y[m], C[m], groups[m])
+        assert float(np.sum(ev["cost"] + lam * (1 - ev["correct"]))) == pytest.approx(best)

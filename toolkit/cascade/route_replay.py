@@ -8,8 +8,9 @@ in units of the mean top-stage call) on top of the stages it runs. Methods, per 
   router's predictions (``routing.route_decisions``), kinds ``logistic``, ``knn``, ``mf``;
 * ``route-only``: the stopping solver with ``escalate=False`` on router cells: the entry stage
   per cell, solved exactly on calibration prompts, and no escalation;
-* ``cascade-routing``: the stopping solver on router cells: entry stage and every post-draft
-  decision (stop, or run any later stage) per cell, solved exactly on calibration prompts.
+* ``cascade-routing``: the stopping solver on router cells: the entry stage per cell, and
+  every post-draft decision (stop, or run any later stage), solved exactly on calibration
+  prompts (post-draft decisions pooled over cells by default, per cell as an option).
 
 Router predictions are out-of-fold twice over, like the predictor's (``replay.cv_scores``): a
 test prompt's R comes from a router fitted on the other folds, and the calibration prompts' R
@@ -64,10 +65,14 @@ class RoutingConfig:
     """Quantile bins of each of those predictions (cells = bins ** len(stages))."""
     n_bins: int = 3
     """Bins of each stage's post-draft p in the policy's histories."""
+    per_cell_decisions: bool = False
+    """Solve the post-draft decisions per cell too (exact per cell, but cells hold few
+    calibration prompts); False: one pooled post-draft table, the entry stage per cell."""
 
 
-def _policy_kwargs(method: str) -> dict[str, bool]:
-    return {"escalate": method == "cascade-routing"}
+def _policy_kwargs(method: str, cfg: RoutingConfig) -> dict[str, bool]:
+    escalate = method == "cascade-routing"
+    return {"escalate": escalate, "shared_decisions": escalate and not cfg.per_cell_decisions}
 
 
 def routed(method: str, t: PromptTable, cv: CvScores, rs: RouterScores, lam: float,
@@ -87,7 +92,7 @@ def routed(method: str, t: PromptTable, cv: CvScores, rs: RouterScores, lam: flo
         cells_cal, cells_te = routing.router_cells(rs.R_cal[f], rs.R_test[te],
                                                    list(cfg.stages), cfg.bins)
         pol = fit_policy(P_cal, t.correct[tr], C[tr], lam, n_bins=cfg.n_bins,
-                         groups=cells_cal, **_policy_kwargs(method))
+                         groups=cells_cal, **_policy_kwargs(method, cfg))
         ev = evaluate(pol, cv.P_test[te], t.correct[te], C[te], cells_te)
         stage[te], ran[te] = ev["stage"], ev["ran"]
     return stage, ran
@@ -116,7 +121,7 @@ def routed_at_budget(method: str, t: PromptTable, cv: CvScores, rs: RouterScores
                                                        list(cfg.stages), cfg.bins)
             pol, info = calibrate_lambda(P_cal, t.correct[tr], C[tr], left, groups=cells_cal,
                                          n_bins=cfg.n_bins, iters=25, mix=True,
-                                         **_policy_kwargs(method))
+                                         **_policy_kwargs(method, cfg))
             lam = info["lambda"]
             ev = evaluate(pol, cv.P_test[te], t.correct[te], C[te], cells_te, t.keys[te])
             stage[te], cost[te] = ev["stage"], ev["cost"]

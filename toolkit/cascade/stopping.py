@@ -194,7 +194,8 @@ def _adjusted_acc(y: np.ndarray, prior: tuple[float, float] | None) -> float:
 
 def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: int = 3,
                groups: np.ndarray | None = None, risk_prior: tuple[float, float] | None = None,
-               allow_skip: bool = True, escalate: bool = True) -> StoppingPolicy:
+               allow_skip: bool = True, escalate: bool = True,
+               shared_decisions: bool = False) -> StoppingPolicy:
     """Solve the stopping policy on calibration prompts.
 
     Args:
@@ -209,6 +210,9 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
         escalate: let a drafted answer be escalated; False makes the entry decision the only
             one (route only: each group answers with the stage that minimises its mean
             cost + λ · (1 − accuracy)).
+        shared_decisions: one post-draft decision table for every group, solved on all
+            prompts pooled; only the entry stage is chosen per group (from the pooled
+            policy's realised values in the group). Fewer parameters when groups are small.
     """
     if lam <= 0 or not np.isfinite(lam):
         raise ValueError(f"lambda must be a positive number, got {lam}")
@@ -225,9 +229,9 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
     # the fallback of histories never seen in calibration.
     fallback_stats: dict[int, list[tuple[str, int | None, float, float, int]]] = {}
 
-    def solve(idx: np.ndarray, table: dict[History, Decision]) -> tuple[int, float]:
-        """Backward induction on the prompts ``idx`` (one group), filling ``table``; returns
-        the best entry stage and the summed realised value of the policy on ``idx``."""
+    def solve(idx: np.ndarray, table: dict[History, Decision]) -> dict[int, np.ndarray]:
+        """Backward induction on the prompts ``idx`` (one group), filling ``table``; returns,
+        for each possible entry stage, the realised value of each prompt of ``idx``."""
 
         def after(k: int, hist: History, sub: np.ndarray) -> np.ndarray:
             """Realised value of each prompt in ``sub`` after stage k ran, acting optimally."""
@@ -256,21 +260,33 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
             return out
 
         starts = range(L) if allow_skip else range(1)
-        values = {s: float((C[idx, s] + run(s, (), idx)).sum()) for s in starts}
-        first = min(values, key=values.get)
-        return first, values[first]
+        return {s: C[idx, s] + run(s, (), idx) for s in starts}
+
+    def best_entry(values: dict[int, np.ndarray], rows: np.ndarray | slice) -> tuple[int, float]:
+        sums = {s: float(v[rows].sum()) for s, v in values.items()}
+        first = min(sums, key=sums.get)
+        return first, sums[first]
 
     groups = np.asarray([""] * N if groups is None else groups).astype(str)
     entry: dict[str, int] = {}
     decisions: dict[str, dict[History, Decision]] = {}
     total = 0.0
-    for g in np.unique(groups):
-        decisions[str(g)] = {}
-        entry[str(g)], value = solve(np.flatnonzero(groups == g), decisions[str(g)])
-        total += value
-    if "" not in entry:  # prompts of unknown group: the policy solved on every prompt pooled
+    if shared_decisions:  # one pooled table; the entry per group from its realised values
         decisions[""] = {}
-        entry[""], _ = solve(np.arange(N), decisions[""])
+        pooled = solve(np.arange(N), decisions[""])
+        entry[""], _ = best_entry(pooled, slice(None))
+        for g in np.unique(groups):
+            entry[str(g)], value = best_entry(pooled, groups == g)
+            total += value
+    else:
+        for g in np.unique(groups):
+            decisions[str(g)] = {}
+            idx = np.flatnonzero(groups == g)
+            entry[str(g)], value = best_entry(solve(idx, decisions[str(g)]), slice(None))
+            total += value
+        if "" not in entry:  # prompts of unknown group: the policy solved on all prompts pooled
+            decisions[""] = {}
+            entry[""], _ = best_entry(solve(np.arange(N), decisions[""]), slice(None))
     # Fallback for histories never seen in calibration: the support-weighted average choice.
     stage_fallback = {}
     for k, rows in fallback_stats.items():
