@@ -184,7 +184,7 @@ class CascadeReplayEval(EvaluationModule):
         self.router_scores = {k: route_replay.router_scores(self.cv, emb, t.correct,
                                                             embed_cost, k, hp.seed)
                               for k in sorted(kinds)}
-        cfg = route_replay.RoutingConfig(tuple(hp.router_stages or (1, 2)), hp.router_bins,
+        cfg = route_replay.RoutingConfig(tuple(hp.router_stages or (0, 1, 2)), hp.router_bins,
                                          hp.n_bins)
         self.routing_cfg = cfg
         for m in routed:

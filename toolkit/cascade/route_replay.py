@@ -59,7 +59,7 @@ def router_scores(cv: CvScores, embeddings: np.ndarray, correct: np.ndarray,
 class RoutingConfig:
     """How router predictions become cells for ``route-only`` and ``cascade-routing``."""
 
-    stages: tuple[int, ...] = (1, 2)
+    stages: tuple[int, ...] = (0, 1, 2)
     """Stages whose predicted correctness defines a prompt's cell."""
     bins: int = 2
     """Quantile bins of each of those predictions (cells = bins ** len(stages))."""
