@@ -20,6 +20,17 @@ Goal (issue 4): S - 1 >= 0.7 (G - 1), i.e. micro-batching keeps at least 70% of 
 generate's batch-8 gain. Every phase stops issuing requests after ``--phase_seconds``
 (requests in flight finish), so the run is bounded. At the end ``/stats`` and ``/metrics``
 are compared with what the clients counted.
+
+``--compare_admission`` runs instead, in one run, the two admissions of the server's engine
+(``--admission batch``: a request waits until its stage's running batch ends, the earlier
+behaviour; ``--admission join``: it joins the running batch at the next decoding step), each
+with a fresh server and ``--clients`` streaming clients (``/v1/completions``, ``stream:
+true``) over the same ``--requests`` prompts: time to first token (the first non-empty text
+chunk) p50/p95, latency, requests/s and tokens/s. Goal (issue 17): TTFT p50 at least 2x lower
+with join at equal or better throughput. ``--tiny`` builds and serves the tests' tiny random
+2-stage bundle (``tests/test_serve.py::build_tiny_bundle``) on the tests' short/long prompts,
+so the comparison runs without the zoo models (plumbing and scheduling, not model speed);
+``--length_spread`` gives the requests different budgets (the tiny models never stop early).
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +136,7 @@ async def client_phase(url: str, prompts: list[str], clients: int, max_tokens: i
             "stops": [sum(r["stage"] == k for r in ok) for k in range(2)]}
 
 
-def start_server(config: str, threads: int) -> tuple[subprocess.Popen, str, Path]:
+def start_server(config: str, threads: int, *extra: str) -> tuple[subprocess.Popen, str, Path]:
     import httpx
 
     with socket.socket() as s:
@@ -133,7 +145,7 @@ def start_server(config: str, threads: int) -> tuple[subprocess.Popen, str, Path
     log = Path(f"/tmp/serve_load_{port}.log")
     proc = subprocess.Popen([sys.executable, "cli.py", "serve", "--config", config,
                              "--host", "127.0.0.1", "--port", str(port), "--threads",
-                             str(threads), "--log_level", "warning"], cwd=REPO,
+                             str(threads), "--log_level", "warning", *extra], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"),
                             env={**os.environ, "LAMBDA_VALUE": ""})
     url = f"http://127.0.0.1:{port}"
@@ -150,6 +162,116 @@ def start_server(config: str, threads: int) -> tuple[subprocess.Popen, str, Path
     raise SystemExit("server did not become healthy in 450 s")
 
 
+def budgets(n: int, max_tokens: int, spread: bool) -> list[int]:
+    """Each request's max_tokens: all ``max_tokens``, or with ``spread`` a fixed pseudo-random
+    spread over [max_tokens / 8, max_tokens] (answer lengths vary in real use; the tiny
+    random models never end an answer early, so ``--tiny --length_spread`` sets them)."""
+    if not spread:
+        return [max_tokens] * n
+    return [max(1, round(max_tokens * (0.125 + 0.875 * ((i * 37) % 64) / 63)))
+            for i in range(n)]
+
+
+async def stream_phase(url: str, prompts: list[str], clients: int, max_tokens: list[int],
+                       seconds: float) -> dict:
+    """``clients`` streaming clients over the prompts (request i may ask for
+    ``max_tokens[i]`` tokens): TTFT, latency, throughput."""
+    import httpx
+
+    queue = list(enumerate(prompts))
+    results: list[dict] = []
+    t0 = time.perf_counter()
+
+    async def one(client: httpx.AsyncClient, i: int, prompt: str) -> dict:
+        start, first, last = time.perf_counter(), None, None
+        async with client.stream("POST", url + "/v1/completions", json={
+                "prompt": prompt, "max_tokens": max_tokens[i], "temperature": 0.0,
+                "stream": True, "stream_options": {"include_usage": True}}) as r:
+            if r.status_code != 200:
+                return {"i": i, "status": r.status_code}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return {"i": i, "status": f"stream error: {chunk['error']['message']}"}
+                if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    first = time.perf_counter() - start
+                last = chunk
+        done = time.perf_counter() - start
+        return {"i": i, "status": 200, "ttft_s": done if first is None else first,
+                "latency_s": done, "stage": last["cascade"]["stopped_at_stage"],
+                "tokens": last["usage"]["completion_tokens"]}
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while queue and time.perf_counter() - t0 < seconds:
+            i, prompt = queue.pop(0)
+            try:
+                results.append(await one(client, i, prompt))
+            except httpx.HTTPError as err:
+                results.append({"i": i, "status": type(err).__name__})
+
+    async with httpx.AsyncClient(timeout=900, limits=httpx.Limits(
+            max_connections=clients + 4)) as client:
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200]
+    failed = Counter(str(r["status"]) for r in results if r["status"] != 200)
+
+    def pct(key: str) -> dict[str, float | None]:
+        arr = np.array([r[key] for r in ok]) * 1000
+        return {f"p{q}": float(np.percentile(arr, q)) if len(arr) else None for q in (50, 95)}
+
+    return {"clients": clients, "sent": len(results), "ok": len(ok),
+            "errors": len(results) - len(ok), "error_kinds": dict(failed), "wall_s": wall,
+            "req_per_s": len(ok) / wall,
+            "tok_per_s": sum(r["tokens"] for r in ok) / wall, "ttft_ms": pct("ttft_s"),
+            "latency_ms": pct("latency_s"),
+            "stops": [sum(r["stage"] == k for r in ok) for k in range(2)]}
+
+
+def compare_admission(config: str, prompts: list[str], args: argparse.Namespace) -> dict:
+    """Both admissions, one fresh server each, the same streaming load (module docstring)."""
+    import httpx
+
+    out: dict = {}
+    for mode in ("batch", "join"):
+        proc, url, _ = start_server(config, args.threads, "--admission", mode)
+        try:
+            httpx.post(url + "/generate", json={"prompt": prompts[0], "max_tokens": 4},
+                       timeout=300)  # warm-up
+            out[mode] = asyncio.run(stream_phase(
+                url, prompts, args.clients,
+                budgets(len(prompts), args.max_tokens, args.length_spread), args.phase_seconds))
+            out[mode]["micro_batches"] = httpx.get(url + "/stats").json()["micro_batches"]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+        r = out[mode]
+        print(f"admission {mode}: {r['ok']} ok, {r['errors']} errors, TTFT p50 "
+              f"{r['ttft_ms']['p50']:.0f} ms p95 {r['ttft_ms']['p95']:.0f} ms, latency p50 "
+              f"{r['latency_ms']['p50']:.0f} ms, {r['req_per_s']:.2f} req/s, "
+              f"{r['tok_per_s']:.1f} tok/s, stops {r['stops']}", flush=True)
+    b, j = out["batch"], out["join"]
+    out["ttft_p50_ratio_batch_over_join"] = b["ttft_ms"]["p50"] / j["ttft_ms"]["p50"]
+    out["throughput_ratio_join_over_batch"] = j["tok_per_s"] / b["tok_per_s"]
+    out["goal_met"] = bool(out["ttft_p50_ratio_batch_over_join"] >= 2
+                           and j["req_per_s"] >= b["req_per_s"] and b["errors"] == j["errors"]
+                           == 0)
+    return out
+
+
+def tiny_setup(folder: Path, n: int) -> tuple[str, list[str]]:
+    """The tests' tiny bundle and prompts (short ones stop at stage 0, long ones escalate)."""
+    from tests.test_serve import LONG, SHORT, build_tiny_bundle
+
+    cfg, _ = build_tiny_bundle(folder, api_key=None, dtype="float32", max_batch=8,
+                               limits={"max_tokens_limit": 256, "max_prompt_tokens": 256,
+                                       "request_timeout_s": 900.0})
+    mixed = [p for pair in zip(SHORT, LONG) for p in pair]
+    return str(cfg), (mixed * (n // len(mixed) + 1))[:n]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/serve/default.yaml")
@@ -159,9 +281,19 @@ def main() -> None:
     ap.add_argument("--subset", type=int, default=8)
     ap.add_argument("--phase_seconds", type=float, default=150.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compare_admission", action="store_true",
+                    help="measure TTFT and throughput of both admissions (see above)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="with --compare_admission: the tests' tiny bundle, not --config")
+    ap.add_argument("--length_spread", action="store_true",
+                    help="with --compare_admission: spread max_tokens over [1/8, 1] of it")
     args = ap.parse_args()
     import httpx
     import yaml
+
+    if args.compare_admission:
+        run_comparison(args)
+        return
 
     cfg = yaml.safe_load((REPO / args.config).read_text())
     prompts = workload(args.requests)
@@ -218,6 +350,33 @@ def main() -> None:
           f"{'met' if result['goal_met'] else 'NOT met'})")
     print(f"/stats and /metrics agree with the clients: {agree}; micro-batches "
           f"{after['micro_batches']}; total {result['total_wall_s']:.0f} s; written {out}")
+
+
+def run_comparison(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from toolkit.common.paths import run_folder
+
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.tiny:
+            config, prompts = tiny_setup(Path(tmp), args.requests)
+        else:
+            config, prompts = args.config, workload(args.requests)
+        result = compare_admission(config, prompts, args)
+    result = {"command": " ".join(sys.argv), "workload": {
+        "bundle": "tiny (tests/test_serve.py)" if args.tiny else args.config,
+        "requests": len(prompts), "clients": args.clients, "max_tokens": args.max_tokens,
+        "length_spread": args.length_spread,
+        "greedy": True, "threads": args.threads}, **result,
+        "total_wall_s": time.perf_counter() - t_start}
+    out = run_folder("bench", "serve_admission")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    print(f"TTFT p50 batch / join = {result['ttft_p50_ratio_batch_over_join']:.2f}x; "
+          f"tokens/s join / batch = {result['throughput_ratio_join_over_batch']:.2f}x; "
+          f"goal (>= 2x at equal or better throughput) "
+          f"{'met' if result['goal_met'] else 'NOT met'}; written {out}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ client sends may fail a batch. Then the request waits for its answer with a per-
 limits (``schemas.request_models``), so ``/openapi.json`` states every limit.
 
 Options are honoured or refused, never dropped: ``stop``, ``seed``, ``logprobs`` /
-``top_logprobs`` work as in the OpenAI API (see ``outputs.py``); what the server cannot do
-(``n > 1``, tools, penalties, log-probs while streaming, …) is a 400 that says so.
+``top_logprobs`` work as in the OpenAI API (see ``outputs.py``; ``top_logprobs`` alone turns
+log-probs on; when streaming they come whole with the last chunk); what the server cannot do
+(``n > 1``, tools, penalties, …) is a 400 that says so.
 
 OpenAI compatibility: ``/v1/chat/completions`` and ``/v1/completions`` return the OpenAI
 shapes, plus one extra field ``cascade`` (``CascadeInfo``: the stage that answered, its model,
@@ -175,9 +176,6 @@ def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
                            f"the models' context of {context}", "max_tokens",
                            "context_length_exceeded")
         stream = bool(getattr(body, "stream", False))
-        if stream and top_logprobs is not None:
-            raise ApiError(400, "logprobs are not supported with stream: true", "logprobs",
-                           "unsupported")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         loop = asyncio.get_running_loop()
         seq["n"] += 1
@@ -228,15 +226,13 @@ def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAMED,
               summary="OpenAI-compatible chat completion (plain or stream: true)")
     async def chat(body: ChatCompletionRequest) -> Any:
-        if body.top_logprobs is not None and not body.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs",
-                           "unsupported")
         # 'developer' is OpenAI's newer name for 'system'; chat templates know 'system'.
         messages = [{"role": "system" if m.role == "developer" else m.role,
                      "content": message_text(m.content)} for m in body.messages]
         budget = body.max_completion_tokens if body.max_tokens is None else body.max_tokens
         job = make_job(messages, body, budget,
-                       (body.top_logprobs or 0) if body.logprobs else None)
+                       (body.top_logprobs or 0) if body.logprobs or body.top_logprobs
+                       is not None else None)
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if body.stream:
             return stream(job, cid, created, "chat.completion.chunk", body)
@@ -268,15 +264,16 @@ def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(delta: str | None, finish: str | None = None, role: bool = False,
-                  **extra: Any) -> str:
+                  logprobs: dict[str, Any] | None = None, **extra: Any) -> str:
             if chat_kind:
                 d: dict[str, str] = {"role": "assistant"} if role else {}
                 if delta is not None:
                     d["content"] = delta
-                choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish}
+                choice: dict[str, Any] = {"index": 0, "delta": d, "finish_reason": finish,
+                                          "logprobs": logprobs}
             else:
                 choice = {"index": 0, "text": delta or "", "finish_reason": finish,
-                          "logprobs": None}
+                          "logprobs": logprobs}
             obj = {"id": cid, "object": kind, "created": created, "model": model_name,
                    "choices": [choice], **extra}
             return f"data: {json.dumps(obj)}\n\n"
@@ -300,7 +297,12 @@ def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
                         extra = {"cascade": cascade_info(payload).model_dump()}
                         if include_usage:
                             extra["usage"] = usage(payload)
-                        yield chunk(None if chat_kind else "", payload.finish_reason, **extra)
+                        # Log-probs, when asked for, come whole with the last chunk.
+                        lp = None if payload.logprobs is None else (
+                            chat_logprobs(payload.logprobs) if chat_kind else
+                            completion_logprobs(payload.logprobs, bool(job.top_logprobs)))
+                        yield chunk(None if chat_kind else "", payload.finish_reason,
+                                    logprobs=lp, **extra)
                         yield "data: [DONE]\n\n"
                         finished = True
                         return

@@ -66,8 +66,16 @@ def _integral(value: Any) -> Any:
 
 Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
 Number = StrictFloat  # strict floats accept JSON integers, not strings or booleans
-Integer = Annotated[StrictInt, BeforeValidator(_integral)]
-Seed = Annotated[Integer, Field(ge=-(2**63), le=2**63 - 1)]
+def integer(**limits: int) -> Any:
+    """A strict integer within ``limits`` (ge, le) that also takes 7.0 (see ``_integral``).
+    The limits sit on the integer itself so that they reach the JSON schema."""
+    return Annotated[StrictInt, Field(**limits), BeforeValidator(_integral)]
+
+
+Integer = integer()
+# ±(2^53 - 1): every integer a JSON parser holds exactly, so a client comparing as floats and
+# this server comparing as integers agree on which seeds are in range.
+Seed = integer(ge=-(2**53 - 1), le=2**53 - 1)
 
 
 class _Body(BaseModel):
@@ -117,7 +125,7 @@ def request_models(max_tokens_limit: int, max_prompt_chars: int, max_messages: i
         min_prompt_chars: 1 when prompts are not wrapped in a chat template (an empty prompt
             would be no tokens at all), else 0.
     """
-    Budget = Annotated[Annotated[Integer, Field(ge=1, le=max_tokens_limit)] | None,
+    Budget = Annotated[integer(ge=1, le=max_tokens_limit) | None,
                        Field(description="New-token budget.")]
     Prompt = Annotated[Text, Field(min_length=min_prompt_chars, max_length=max_prompt_chars)]
     Temperature = Annotated[Annotated[Number, Field(ge=0, le=2)] | None, Field(
@@ -190,8 +198,8 @@ def request_models(max_tokens_limit: int, max_prompt_chars: int, max_messages: i
         max_completion_tokens: Budget = Field(None, description="Alias of max_tokens.")
         logprobs: StrictBool = Field(False, description="Return the log-probs of the answer's "
                                      "tokens (the model's untempered distribution).")
-        top_logprobs: TopLogprobs = Field(None, description="With logprobs: this many most "
-                                          "likely tokens at each position.")
+        top_logprobs: TopLogprobs = Field(None, description="This many most likely tokens "
+                                          "at each position (turns logprobs on).")
         tools: Nothing = None
         functions: Nothing = None
         tool_choice: Annotated[Literal["none"] | None, Field(
