@@ -165,3 +165,33 @@ def test_bad_cascade_input_is_one_line(flags, message, tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(message)
+
+
+def test_routed_method_through_cli_charges_the_router_and_records_the_goal(table):
+    """`test --method route-only` on the shipped records and embedding sidecar (few λ, 3
+    folds): every routed answer pays the router's forward, and the run records the cost at
+    which it comes within 1 point of always-top (null when its curve never does)."""
+    proc = subprocess.run([sys.executable, "cli.py", "test", "--method", "route-only",
+                           "--model.sweep", "[1.0, 50.0]", "--model.budgets", "[0.5]",
+                           "--model.folds", "3", "--model.peers", "[threshold]"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    path = [ln for ln in proc.stdout.splitlines() if ln.startswith("results: ")][-1]
+    r = json.loads(open(path.split(": ", 1)[1].strip()).read())
+    routing = r["routing"]
+    assert routing["router_sha256"] and 0 < routing["embed_relative_cost"] < 0.1
+    rows = [json.loads(x) for x in open(path.split(": ", 1)[1].strip().replace(
+        "results.json", "examples.jsonl"))]
+    C = table.cost
+    by_id = {i: k for k, i in enumerate(table.ids)}
+    for row in rows:  # one stage per prompt (route only) plus the router's forward
+        assert row["cost"] > C[by_id[row["id"]], row["stage"]]
+    goal = r["metrics"]["cost_at_top_minus_1pt"]["value"]
+    curve = r["curves"]["route-only"]
+    top = r["comparison"]["always-top"]["accuracy"]["value"]
+    ok = [p["cost"] for p in curve if p["accuracy"] >= top - 0.01 - 1e-12]
+    assert goal == (min(ok) if ok else None)
+    b = routing["budgets"][0]
+    assert set(b["methods"]) == {"cascade", "threshold", "random", "route-only"}
+    assert b["focus"] == "route-only" and set(b["focus_minus"]) == {"cascade", "threshold",
+                                                                     "random"}

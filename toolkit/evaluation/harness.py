@@ -64,7 +64,14 @@ class EvaluationModule(LightningModule):
             if isinstance(value, dict) and isinstance(value.get("value"), (int, float)):
                 self.log(f"test/{report.method}/{name}", float(value["value"]),
                          rank_zero_only=True)
-        print(f"results: {path}")
+        self._results_path = path
+
+    def on_test_end(self) -> None:
+        # Printed here, not at epoch end: the progress bar (a callback, whose on_test_end runs
+        # before the module's) has closed its line by now.
+        path = getattr(self, "_results_path", None)
+        if path is not None:
+            print(f"results: {path}")
 
     def _save_figures(self, run_dir: Path, method: str, figures: dict[str, Any]) -> None:
         if not figures:
