@@ -590,7 +590,8 @@ def test_openapi_fuzzer_finds_no_5xx_and_no_schema_mismatch(bundle, tmp_path):
     report = tmp_path / "fuzz.ndjson"
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "schemathesis.cli", "run", f"{srv.url}/openapi.json",
+            [sys.executable, "-m", "schemathesis.cli", "--config-file",
+             str(REPO / "tests" / "serve_fuzz.toml"), "run", f"{srv.url}/openapi.json",
              "-H", f"Authorization: Bearer {KEY}", "--checks", "all",
              "--exclude-checks", "positive_data_acceptance", "--seed", "17", "-w", "2",
              "-n", os.environ.get("SERVE_FUZZ_EXAMPLES", "150"), "--no-color",
