@@ -192,3 +192,73 @@ def test_library_never_imports_the_cli():
             if any(n == "toolkit.cli" or n.startswith("toolkit.cli.") for n in names):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not offenders
+
+
+# ----------------------------------------------------------- records: one option, one line
+@pytest.fixture(scope="module")
+def small_records(tmp_path_factory) -> Path:
+    """The shipped records cut to 6 prompts per split and task (every stage of each prompt)."""
+    out = tmp_path_factory.mktemp("records")
+    for task_dir in sorted(p for p in (REPO / "data" / "cascade").iterdir() if p.is_dir()):
+        files = sorted(task_dir.glob("stage*.jsonl"))
+        if not files:
+            continue
+        per_split: dict[str, int] = {}
+        keep = set()
+        for line in files[0].read_text().splitlines():
+            row = json.loads(line)
+            if per_split.get(row["split"], 0) < 6:
+                keep.add(row["id"])
+                per_split[row["split"]] = per_split.get(row["split"], 0) + 1
+        (out / task_dir.name).mkdir()
+        for f in files:
+            rows = [ln for ln in f.read_text().splitlines() if json.loads(ln)["id"] in keep]
+            (out / task_dir.name / f.name).write_text("\n".join(rows) + "\n")
+    return out
+
+
+def _one_line_error(*args: str) -> str:
+    """Run the real CLI; it must fail with status 2 and one ``error:`` line, no traceback."""
+    proc = _cli(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), proc.stderr[-3000:]
+    assert "💡 Tip" not in proc.stderr + proc.stdout  # filtered at the entry point (18.10)
+    return errors[0]
+
+
+def test_model_data_dir_alone_moves_the_data_module_too(small_records, runs_root, capsys):
+    """18.1: `--model.data_dir X` without `--data.data_dir` runs on X (it used to end in a
+    Lightning traceback about merging hparams)."""
+    cli.main(["test", "--method", "always-top", "--model.data_dir", str(small_records)])
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("run directory")]
+    run = Path(line[-1].split(": ", 1)[1].strip())
+    results = json.loads((run / "results.json").read_text())
+    assert results["data"]["name"] == str(small_records) and results["data"]["n"] == 36
+    assert results["command"] == ("python cli.py test --method always-top --model.data_dir "
+                                  f"{small_records}")
+    last = _one_line_error("test", "--method", "always-top", "--model.data_dir",
+                           str(small_records), "--data.data_dir", str(runs_root))
+    assert "differ" in last
+
+
+def test_corrupt_record_line_is_one_line_naming_file_and_line(small_records, tmp_path,
+                                                             runs_root):
+    """18.2, and 18.9: the failed run leaves no folder behind."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(small_records, bad)
+    target = sorted(bad.glob("*/stage0-*.jsonl"))[0]
+    lines = target.read_text().splitlines()
+    lines[2] = lines[2][: len(lines[2]) // 2]  # a row cut in the middle
+    target.write_text("\n".join(lines) + "\n")
+    before = set(runs_root.rglob("*"))
+    last = _one_line_error("fit", "--data.data_dir", str(bad), "--trainer.max_epochs", "1")
+    assert f"{target}:3: not a JSON row" in last
+    assert not [p for p in set(runs_root.rglob("*")) - before if p.is_file()]
+
+
+def test_missing_records_dir_is_one_line(tmp_path):
+    last = _one_line_error("fit", "--data.data_dir", str(tmp_path / "nowhere"))
+    assert f"no stage records (*/stage*.jsonl) under {tmp_path / 'nowhere'}" in last

@@ -68,6 +68,7 @@ def test_label_writes_every_record_with_its_fields(tmp_path, tiny_lm, tiny_lm_b)
     skipped = json.loads(next((tmp_path / "out").glob("*/skipped.json")).read_text())
     assert len(skipped) == 1 and "empty" in skipped[0]["reason"]
     assert "| task | stage |" in proc.stdout
+    assert f"records written to {(tmp_path / 'out').resolve()}/" in proc.stdout  # issue 18.6
 
 
 def test_label_survives_sigkill(tmp_path, tiny_lm, tiny_lm_b):

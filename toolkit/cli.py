@@ -297,10 +297,10 @@ def _quiet_known_warnings() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: not str(record.msg).startswith("💡 Tip"))
     # Lightning 2.6 and torch's ONNX exporter still call torch's deprecated LeafSpec check.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r"(?s).*isinstance\(treespec, LeafSpec\)")
     # LightningCLI itself calls jsonargparse APIs that jsonargparse has deprecated.
-    warnings.filterwarnings("ignore", message=r".*(skip_none|add_instantiator|"
-                                              r"instantiate_classes).*deprecat.*")
+    warnings.filterwarnings("ignore", message=r"(?s).*(skip_none|add_instantiator|"
+                                              r"instantiate_classes).*deprecated")
     # torch's ONNX exporter lists the torchvision ops it skips (torchvision is not needed).
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 

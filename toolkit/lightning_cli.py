@@ -66,6 +66,11 @@ class ToolkitCLI(LightningCLI):
             super().instantiate_classes()
         except BaseException as err:
             self._mark_failed(err)
+            # jsonargparse wraps a constructor's error in its own ValueError ("Does not validate
+            # against any of the Union subtypes"); a user error inside goes out as itself.
+            cause = _user_error_in(err)
+            if cause is not None:
+                raise cause from None
             raise
         if hasattr(self.model, "run_command"):
             self.model.run_command = self.run_command
@@ -90,6 +95,16 @@ class ToolkitCLI(LightningCLI):
             shutil.rmtree(folder, ignore_errors=True)
         else:
             (folder / "FAILED").write_text(f"{type(err).__name__}: {err}\n")
+
+
+def _user_error_in(err: BaseException) -> UserError | None:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _use_stream_progress_bar(trainer: Any) -> None:
