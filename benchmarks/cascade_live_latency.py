@@ -25,7 +25,7 @@ from toolkit.cascade import replay
 from toolkit.cascade.features import record_features
 from toolkit.cascade.live import LiveCascade
 from toolkit.cascade.onnx_runtime import OnnxQualityPredictor
-from toolkit.cascade.records_datamodule import record_files
+from toolkit.cascade.prompt_table import record_files
 from toolkit.common.io import atomic_write_text, read_jsonl
 from toolkit.generation.base import DecodingConfig
 from toolkit.generation.hf_backend import TransformersBackend

@@ -12,7 +12,6 @@ construction, so its agreement target is masked out (NaN) rather than counted as
 
 from __future__ import annotations
 
-import glob
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,17 +23,10 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from toolkit.cascade.features import CascadeInputError, FeatureSchema, build_schema, record_features
+from toolkit.cascade.prompt_table import record_files
 from toolkit.common.io import read_jsonl
 
 TARGETS = ("correct", "agreement")
-
-
-def record_files(data_dir: str | Path) -> list[Path]:
-    files = sorted(Path(p) for p in glob.glob(str(Path(data_dir) / "*" / "stage*.jsonl")))
-    if not files:
-        raise CascadeInputError(f"no stage records (*/stage*.jsonl) under {data_dir}; "
-                                "make them with `python cli.py label`")
-    return files
 
 
 def targets_of(rec: dict[str, Any], top_stage: int, bleu_threshold: float) -> np.ndarray:
