@@ -120,7 +120,7 @@ def sweep(a: argparse.Namespace, model, tok, meta: dict) -> None:
             res = _run_point(model, tok, problems, kind, kw, batch)
             point[f"b{batch}"] = res
         first = point[f"b{a.batches[0]}"]
-        # Greedy decoding of a row does not depend on its batch (tests/test_dllm_decoding.py):
+        # Greedy decoding of a row does not depend on its batch (tests/dllm/test_dllm_decoding.py):
         # accuracy and NFE are the same at every batch size; only the wall time differs.
         point["batch_mismatches"] = sum(
             sum(x != y for x, y in zip(first["correct"], point[f"b{b}"]["correct"]))

@@ -5,13 +5,15 @@
 
 Status: written and tested without a GPU. No session so far has had one, so this script has
 only ever run as ``--dry_run`` (the same code paths on tiny shapes, on CPU;
-``tests/test_gpu_check.py`` runs it that way). Its numbers mean nothing until it runs on CUDA.
+``tests/shared/test_gpu_check.py`` runs it that way). Its numbers mean nothing until it runs
+on CUDA.
 
 What it measures, in one JSON (sections run in this order; each records its own time and the
 peak GPU memory, and a section that fails records its error while the others still run):
 
 * ``conformance``: the generation-backend conformance checks
-  (``toolkit/generation/conformance.py``, the ones ``tests/test_backend_conformance.py`` runs)
+  (``toolkit/generation/conformance.py``, the ones
+  ``tests/shared/test_backend_conformance.py`` runs)
   on CUDA, with the tiny random models of ``toolkit/models/tiny.py`` in float32;
 * ``generation``: bf16 tokens/s of our backend (``TransformersBackend``, continuous batching,
   per-token statistics on) against ``model.generate`` at batch 1 and 8, on a randomly
@@ -25,7 +27,7 @@ peak GPU memory, and a section that fails records its error while the others sti
 
 Constraints it is written for (the GPU machine lent to this project): Python 3.12, torch,
 transformers and nothing that can be installed; no pytest, jsonargparse, fastapi or lightning
-needed (``tests/test_gpu_check.py`` runs it with those imports blocked); no network, no real
+needed (``tests/shared/test_gpu_check.py`` runs it with those imports blocked); no network, no real
 weights: every model is built from a config on the device, saved to a temporary folder and
 loaded through the toolkit's own loader; the tokenizer is the tiny in-memory BPE of
 ``toolkit/models/tiny.py`` (the big models keep their real vocabulary sizes, so ids beyond the

@@ -28,7 +28,8 @@ with a fresh server and ``--clients`` streaming clients (``/v1/completions``, ``
 true``) over the same ``--requests`` prompts: time to first token (the first non-empty text
 chunk) p50/p95, latency, requests/s and tokens/s. Goal (issue 17): TTFT p50 at least 2x lower
 with join at equal or better throughput. ``--tiny`` builds and serves the tests' tiny random
-2-stage bundle (``tests/test_serve.py::build_tiny_bundle``) on the tests' short/long prompts,
+2-stage bundle (``tests/serving/test_serve.py::build_tiny_bundle``) on the tests' short/long
+prompts,
 so the comparison runs without the zoo models (plumbing and scheduling, not model speed);
 ``--length_spread`` gives the requests different budgets (the tiny models never stop early).
 """
@@ -263,7 +264,7 @@ def compare_admission(config: str, prompts: list[str], args: argparse.Namespace)
 
 def tiny_setup(folder: Path, n: int) -> tuple[str, list[str]]:
     """The tests' tiny bundle and prompts (short ones stop at stage 0, long ones escalate)."""
-    from tests.test_serve import LONG, SHORT, build_tiny_bundle
+    from tests.serving.test_serve import LONG, SHORT, build_tiny_bundle
 
     cfg, _ = build_tiny_bundle(folder, api_key=None, dtype="float32", max_batch=8,
                                limits={"max_tokens_limit": 256, "max_prompt_tokens": 256,
@@ -365,7 +366,7 @@ def run_comparison(args: argparse.Namespace) -> None:
             config, prompts = args.config, workload(args.requests)
         result = compare_admission(config, prompts, args)
     result = {"command": " ".join(sys.argv), "workload": {
-        "bundle": "tiny (tests/test_serve.py)" if args.tiny else args.config,
+        "bundle": "tiny (tests/serving/test_serve.py)" if args.tiny else args.config,
         "requests": len(prompts), "clients": args.clients, "max_tokens": args.max_tokens,
         "length_spread": args.length_spread,
         "greedy": True, "threads": args.threads}, **result,

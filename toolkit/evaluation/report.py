@@ -4,7 +4,7 @@ Every table of results in README.md sits between ``<!-- report:NAME -->`` and
 ``<!-- /report:NAME -->`` and is the output of ``render`` on the committed snapshot
 ``docs/results/NAME.json`` (a ``results.json`` copied from the run that made it, which names
 its own command and git sha). ``report --update_readme true`` rewrites those blocks from the
-snapshots; ``tests/test_readme.py`` fails if README and snapshots disagree, so a number in
+snapshots; ``tests/shared/test_readme.py`` fails if README and snapshots disagree, so a number in
 README can always be traced to a file and that file to a command.
 
 ``report --compare true RUN...`` puts several methods' runs on the same examples side by side

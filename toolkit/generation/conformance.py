@@ -1,6 +1,6 @@
 """The generation-backend conformance checks, as plain functions (no pytest needed).
 
-``tests/test_backend_conformance.py`` runs them on every backend installed here, and
+``tests/shared/test_backend_conformance.py`` runs them on every backend installed here, and
 ``benchmarks/gpu_check.py`` runs them on CUDA where pytest may be missing. Each check takes a
 backend and raises ``AssertionError`` saying what broke; add new checks here, not in the test.
 """

@@ -4,7 +4,7 @@ NOT RUN ON OUR MACHINES. vLLM cannot be installed or run where this toolkit is d
 GPU on the CI machines; its wheel pins its own torch and is far too large for the lent GPU), so
 this adapter has never executed here. It is deliberately thin: it maps ``DecodingConfig`` onto
 ``SamplingParams`` and vLLM's per-token logprobs onto ``GenerationOutput``. The shared backend
-conformance tests (tests/test_backend_conformance.py) run on it wherever ``vllm`` imports.
+conformance tests (tests/shared/test_backend_conformance.py) run on it wherever ``vllm`` imports.
 
 What differs from the transformers backend, and why:
 

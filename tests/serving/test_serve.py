@@ -578,9 +578,9 @@ def test_sigterm_finishes_requests_in_flight(server):
 def test_openapi_fuzzer_finds_no_5xx_and_no_schema_mismatch(bundle, tmp_path):
     """Schemathesis, driven by /openapi.json, on every operation: no 5xx, responses match the
     documented statuses, content types and schemas, invalid data is refused with 4xx, valid
-    data is answered (``tests/serve_fuzz_hooks.py``: the token limits are the only documented
-    exception), and auth is not ignored. ``SERVE_FUZZ_EXAMPLES`` per operation (default 150;
-    the issue's run used 1000 for >= 5,000 requests)."""
+    data is answered (``tests/serving/serve_fuzz_hooks.py``: the token limits are the only
+    documented exception), and auth is not ignored. ``SERVE_FUZZ_EXAMPLES`` per operation
+    (default 150; the issue's run used 1000 for >= 5,000 requests)."""
     pytest.importorskip("schemathesis")
     tmp, _, stages = bundle
     cfg = write_config(tmp_path / "fuzz.yaml", tmp / "bundle", stages, max_queue=256,
@@ -591,13 +591,13 @@ def test_openapi_fuzzer_finds_no_5xx_and_no_schema_mismatch(bundle, tmp_path):
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "schemathesis.cli", "--config-file",
-             str(REPO / "tests" / "serve_fuzz.toml"), "run", f"{srv.url}/openapi.json",
+             str(REPO / "tests" / "serving" / "serve_fuzz.toml"), "run", f"{srv.url}/openapi.json",
              "-H", f"Authorization: Bearer {KEY}", "--checks", "all",
              "--exclude-checks", "positive_data_acceptance", "--seed", "17", "-w", "2",
              "-n", os.environ.get("SERVE_FUZZ_EXAMPLES", "150"), "--no-color",
              "--report", "ndjson", "--report-ndjson-path", str(report)],
             cwd=REPO, capture_output=True, text=True, timeout=3600,
-            env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.serve_fuzz_hooks",
+            env={**os.environ, "SCHEMATHESIS_HOOKS": "tests.serving.serve_fuzz_hooks",
                  "PYTHONPATH": str(REPO)})
         stats = get(srv.url + "/stats", headers=AUTH).json()["requests"]
     finally:

@@ -138,3 +138,12 @@ def test_report_labels_name_runs_of_the_same_method(tmp_path):
     assert "--labels" in comp["command"]
     with pytest.raises(ReportError, match="2 runs"):
         compare_runs([before, after], labels=["one"])
+
+
+def test_every_test_file_readme_names_exists():
+    """README points readers at test files by path; a move of the tests must update it."""
+    text = (REPO / "README.md").read_text()
+    named = set(re.findall(r"tests/[\w/]+\.(?:py|toml)", text))
+    assert named, "README names no test file"
+    missing = sorted(p for p in named if not (REPO / p).is_file())
+    assert not missing, f"README names test files that do not exist: {missing}"

@@ -376,7 +376,7 @@ def test_bad_inputs_raise_clear_errors(model):
 # -- the published samplers on the shipped reference fixture --------------------------------
 # The fixture's random weights put the mask token on top at many positions: the case where the
 # published samplers leave a position masked.
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "llada_tiny"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "llada_tiny"
 FX_MASK = 319
 
 

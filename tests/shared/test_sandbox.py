@@ -28,7 +28,7 @@ from toolkit.tasks.sandbox import (
 )
 
 FENCE = "```"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "data" / "cascade" / "humaneval").glob("stage*.jsonl"))
 
 try:

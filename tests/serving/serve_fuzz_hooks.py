@@ -1,4 +1,6 @@
-"""Schemathesis hooks for the server fuzz test (``SCHEMATHESIS_HOOKS=tests.serve_fuzz_hooks``).
+"""Schemathesis hooks for the server fuzz test.
+
+Loaded with ``SCHEMATHESIS_HOOKS=tests.serving.serve_fuzz_hooks``.
 
 One check replaces schemathesis' ``positive_data_acceptance``: a schema-valid request must be
 answered with 2xx, with the documented exceptions the schema cannot state: a 400 whose code is

@@ -11,7 +11,7 @@ from toolkit.dllm.llada_model import LLaDAConfig, LLaDAModelLM
 
 # Made with the public reference `modeling_llada.py` (see its README); shipped in the repository
 # so that every clone checks the model against it.
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "llada_tiny"
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "llada_tiny"
 
 torch.set_num_threads(1)
 
