@@ -58,11 +58,11 @@ COMMANDS: dict[str, Command] = {
                      "run every stage of a cascade over a task and write labelled records"),
     "embed": Command("toolkit.cascade.prompt_embeddings:embed", "embed every labelled prompt "
                      "once (prefill, pooled hidden states) into a sidecar beside the records"),
-    "export": Command("toolkit.cascade.onnx_export:export", "export a predictor checkpoint to "
+    "export": Command("toolkit.cascade.export_command:export", "export a predictor checkpoint to "
                       "ONNX (parity-checked, timed), optionally publish it"),
     "generate": Command("toolkit.qstar.generate_data:generate",
                         "plain or q* generation into resumable OpenAI-format JSONL"),
-    "merge": Command("toolkit.qstar.sft_module:merge_checkpoint", "merge a q* SFT (LoRA) "
+    "merge": Command("toolkit.qstar.merge_command:merge_checkpoint", "merge a q* SFT (LoRA) "
                      "checkpoint into its base model: a transformers folder"),
     "analyze": Command("toolkit.qstar.analyze:analyze", "q* diagnostics: statistics, the seed's "
                        "condition checks, plots, files side by side"),

@@ -60,16 +60,10 @@ LIGHT_CASES = [["--help"], ["zoo", "list"], ["zoo", "--help"], ["test", "--metho
                ["frobnicate"], ["test", "--method", "nope"]]
 LIGHT_CASES += [[*n.split(), "--help"] for n in FUNCTION_ROWS]
 LIGHT_CASES += [[*n.split(), "--no_such_option", "1"] for n in FUNCTION_ROWS]
-# Known gaps: their functions live in modules that import torch and Lightning at the top
-# (onnx_export.py, sft_module.py); they pass once `export`/`merge_checkpoint` move to
-# torch-free modules (strict: an unexpected pass fails, so the mark is removed then).
-_HEAVY_TODAY = {"export", "merge"}
-LIGHT_CASES = [pytest.param(a, marks=pytest.mark.xfail(strict=True, reason="imports torch"))
-               if a[0] in _HEAVY_TODAY else a for a in LIGHT_CASES]
 
 
 @pytest.mark.parametrize("args", LIGHT_CASES,
-                         ids=lambda a: " ".join(a.values[0] if hasattr(a, "values") else a))
+                         ids=" ".join)
 def test_light_commands_import_neither_torch_nor_lightning(args):
     proc = subprocess.run([sys.executable, "-c", _NO_TORCH, json.dumps(args)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)

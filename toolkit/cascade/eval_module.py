@@ -118,7 +118,8 @@ class CascadeReplayEval(EvaluationModule):
             self.decisions[m] = (stage, replay.charge(ran, t.cost), replay.charge(ran, t.wall_s))
         self.curves: dict[str, list[dict[str, float]]] = {}
         if hp.method in ("random", *LEARNED):
-            self.cv = replay.cv_scores(t, hp.folds, hp.seed)
+            self.cv = replay.cv_scores(t, hp.folds, hp.seed,
+                                       progress=self.trainer.is_global_zero)
             cv = replay.cross_validated(t, self.cv, hp.lam, hp.n_bins, prior)
             self.decisions["cascade"] = (cv["cascade_stage"], cv["cascade_cost"],
                                          cv["cascade_latency"])

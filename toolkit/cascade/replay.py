@@ -20,6 +20,7 @@ Costs are in units of the mean top-stage call, so a mean cost of 0.5 = half of a
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,13 +185,22 @@ class CvScores:
     P_cal: dict[int, np.ndarray]  # fold -> [N_train, L] nested out-of-fold training scores
 
 
-def cv_scores(t: PromptTable, folds: int = 5, seed: int = 0, steps: int = 300) -> CvScores:
+def cv_scores(t: PromptTable, folds: int = 5, seed: int = 0, steps: int = 300,
+              progress: bool = False) -> CvScores:
+    """Train the predictor once per fold (plus the nested calibration folds).
+
+    ``progress`` shows a bar over the outer folds on stderr (a ``test`` run trains
+    folds × folds predictors before its first decision, a minute or more on 2 cores).
+    """
+    from tqdm import tqdm
+
     from toolkit.cascade.predictor_module import predict_correct, train_quality_predictor
 
     fold = np.array([fold_of(i, folds) for i in t.ids])
     X, T = t.features, stage_targets(t)
     P_test, P_cal = np.zeros(t.correct.shape), {}
-    for f in np.unique(fold):
+    for f in tqdm(np.unique(fold), desc="replay: cross-validation folds", unit="fold",
+                  file=sys.stderr, disable=not progress):
         te, tr = fold == f, fold != f
         # The policy's calibration scores are out-of-fold inside the training folds, so they
         # look like the scores it will see at test time (in-sample scores are overconfident).
