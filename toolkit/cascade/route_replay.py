@@ -22,13 +22,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 
 from toolkit.cascade import routing
 from toolkit.cascade.prompt_table import PromptTable
 from toolkit.cascade.replay import CvScores
-from toolkit.cascade.stopping import calibrate_lambda, evaluate, fit_policy
+from toolkit.cascade.stopping import AnyPolicy, calibrate_lambda, evaluate, fit_policy
 
 ROUTED = ("route-only", "cascade-routing", *(f"router-{k}" for k in routing.ROUTERS))
 
@@ -70,9 +71,49 @@ class RoutingConfig:
     calibration prompts); False: one pooled post-draft table, the entry stage per cell."""
 
 
-def _policy_kwargs(method: str, cfg: RoutingConfig) -> dict[str, bool]:
+def policy_kwargs(method: str, cfg: RoutingConfig) -> dict[str, bool]:
+    """``fit_policy``'s switches for a cell-based method (route-only never escalates)."""
+    if method not in ("route-only", "cascade-routing"):
+        raise ValueError(f"not a cell-based routing method: {method!r}")
     escalate = method == "cascade-routing"
     return {"escalate": escalate, "shared_decisions": escalate and not cfg.per_cell_decisions}
+
+
+@dataclass
+class RoutedPolicy:
+    """A cell-based policy and the cells it was fitted on: edges of each cell stage's R (from
+    the calibration prompts' R), so a new prompt's cell is ``cells(R)``."""
+
+    policy: AnyPolicy
+    stages: tuple[int, ...]
+    edges: list[np.ndarray]
+    info: dict[str, Any]
+
+    def cells(self, R: np.ndarray) -> np.ndarray:
+        return routing.cell_labels(R, list(self.stages), self.edges)
+
+
+def fit_routed_policy(method: str, P_cal: np.ndarray, Y_cal: np.ndarray, C_cal: np.ndarray,
+                      R_cal: np.ndarray, cfg: RoutingConfig, lam: float | None = None,
+                      budget: float | None = None, iters: int = 40, mix: bool = True
+                      ) -> RoutedPolicy:
+    """Fit ``route-only`` or ``cascade-routing`` on calibration prompts: cells from the
+    router's predictions R_cal, then the stopping solver at ``lam``, or with λ calibrated so
+    the stages' mean cost stays ≤ ``budget`` (``calibrate_lambda``; a ``MixedPolicy`` when
+    ``mix``). The one fitting code of replay and of serving bundles."""
+    if (lam is None) == (budget is None):
+        raise ValueError("give exactly one of lam and budget")
+    stages = tuple(cfg.stages)
+    edges = routing.cell_edges(R_cal, list(stages), cfg.bins)
+    groups = routing.cell_labels(R_cal, list(stages), edges)
+    kwargs = policy_kwargs(method, cfg)
+    if budget is None:
+        pol: AnyPolicy = fit_policy(P_cal, Y_cal, C_cal, lam, n_bins=cfg.n_bins, groups=groups,
+                                    **kwargs)
+        return RoutedPolicy(pol, stages, edges, {"lambda": lam})
+    pol, info = calibrate_lambda(P_cal, Y_cal, C_cal, budget, groups=groups,
+                                 n_bins=cfg.n_bins, iters=iters, mix=mix, **kwargs)
+    return RoutedPolicy(pol, stages, edges, info)
 
 
 def routed(method: str, t: PromptTable, cv: CvScores, rs: RouterScores, lam: float,
@@ -89,11 +130,10 @@ def routed(method: str, t: PromptTable, cv: CvScores, rs: RouterScores, lam: flo
             stage[te] = routing.route_decisions(rs.R_test[te], C[tr].mean(0), lam)
             ran[te] = np.arange(L)[None, :] == stage[te][:, None]
             continue
-        cells_cal, cells_te = routing.router_cells(rs.R_cal[f], rs.R_test[te],
-                                                   list(cfg.stages), cfg.bins)
-        pol = fit_policy(P_cal, t.correct[tr], C[tr], lam, n_bins=cfg.n_bins,
-                         groups=cells_cal, **_policy_kwargs(method, cfg))
-        ev = evaluate(pol, cv.P_test[te], t.correct[te], C[te], cells_te)
+        fitted = fit_routed_policy(method, P_cal, t.correct[tr], C[tr], rs.R_cal[f], cfg,
+                                   lam=lam)
+        ev = evaluate(fitted.policy, cv.P_test[te], t.correct[te], C[te],
+                      fitted.cells(rs.R_test[te]))
         stage[te], ran[te] = ev["stage"], ev["ran"]
     return stage, ran
 
@@ -117,13 +157,11 @@ def routed_at_budget(method: str, t: PromptTable, cv: CvScores, rs: RouterScores
             s = routing.route_decisions(rs.R_test[te], mean_c, lam)
             stage[te], cost[te] = s, C[te][np.arange(te.sum()), s]
         else:
-            cells_cal, cells_te = routing.router_cells(rs.R_cal[f], rs.R_test[te],
-                                                       list(cfg.stages), cfg.bins)
-            pol, info = calibrate_lambda(P_cal, t.correct[tr], C[tr], left, groups=cells_cal,
-                                         n_bins=cfg.n_bins, iters=25, mix=True,
-                                         **_policy_kwargs(method, cfg))
-            lam = info["lambda"]
-            ev = evaluate(pol, cv.P_test[te], t.correct[te], C[te], cells_te, t.keys[te])
+            fitted = fit_routed_policy(method, P_cal, t.correct[tr], C[tr], rs.R_cal[f],
+                                       cfg, budget=left, iters=25)
+            lam = fitted.info["lambda"]
+            ev = evaluate(fitted.policy, cv.P_test[te], t.correct[te], C[te],
+                          fitted.cells(rs.R_test[te]), t.keys[te])
             stage[te], cost[te] = ev["stage"], ev["cost"]
         lambdas.append(float(lam))
     return stage, cost + rs.embed_cost, lambdas

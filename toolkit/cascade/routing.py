@@ -25,9 +25,17 @@ Two ways to use R:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
 ROUTERS = ("logistic", "knn", "mf")
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + e^-z) without overflow (numpy only: the server loads routers without scipy)."""
+    return np.exp(-np.logaddexp(0.0, -z))
 
 
 def _standardise(X_train: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -35,39 +43,112 @@ def _standardise(X_train: np.ndarray, X: np.ndarray) -> np.ndarray:
     return (X - mean) / std
 
 
-def fit_predict(kind: str, X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray,
-                seed: int = 0, k: int = 20, rank: int = 16, steps: int = 400) -> np.ndarray:
-    """Fit a router on (X_train [N, D], Y_train [N, L] 0/1) and predict R [M, L] for X_test."""
+@dataclass
+class Router:
+    """A fitted router as named plain arrays, so it can be saved without pickle (``save``:
+    an npz read with ``allow_pickle=False``) and served by numpy alone.
+
+    ``logistic``: ``mean``, ``std`` (standardisation), ``coef`` [L, D], ``intercept`` [L],
+    ``const`` [L] (a stage always or never right in training: its R, else NaN);
+    ``knn``: ``mean``, ``unit_train`` [N, D] (centred, unit-norm training prompts),
+    ``Y_train`` [N, L], ``k``; ``mf``: ``mean``, ``std``, ``W`` [D, r], ``V`` [L, r], ``b`` [L].
+    """
+
+    kind: str
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def num_stages(self) -> int:
+        return int(len(self.arrays["Y_train"][0] if self.kind == "knn"
+                       else self.arrays["intercept" if self.kind == "logistic" else "b"]))
+
+    @property
+    def dim(self) -> int:
+        return int(self.arrays["mean"].shape[0])
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """R [M, L]: the predicted probability that each stage answers each prompt right."""
+        a = self.arrays
+        X = np.asarray(X, dtype=np.float64)
+        if self.kind == "logistic":
+            Xs = (X - a["mean"]) / a["std"]
+            R = np.empty((len(X), len(a["intercept"])))
+            for s in range(R.shape[1]):
+                if np.isnan(a["const"][s]):
+                    R[:, s] = _sigmoid(Xs @ a["coef"][s:s + 1].T + a["intercept"][s])[:, 0]
+                else:
+                    R[:, s] = a["const"][s]
+            return R
+        if self.kind == "knn":
+            q = X - a["mean"]
+            sim = (q / (np.linalg.norm(q, axis=1, keepdims=True) + 1e-12)) @ a["unit_train"].T
+            k = int(a["k"])
+            nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+            return a["Y_train"][nearest].mean(1)
+        if self.kind == "mf":
+            xt = ((X - a["mean"]) / a["std"]).astype(np.float32)
+            return _sigmoid((xt @ a["W"]) @ a["V"].T + a["b"]).astype(np.float64)
+        raise ValueError(f"unknown router {self.kind!r}; choose from {ROUTERS}")
+
+    def save(self, path: str | Path) -> Path:
+        """Write the router as an npz of plain arrays (kind included)."""
+        path = Path(path)
+        with open(path, "wb") as f:
+            np.savez(f, kind=np.array(self.kind), **self.arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Router:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k != "kind"}
+            kind = str(z["kind"])
+        if kind not in ROUTERS:
+            raise ValueError(f"{path}: unknown router kind {kind!r}")
+        return cls(kind, arrays)
+
+
+def fit_router(kind: str, X_train: np.ndarray, Y_train: np.ndarray, seed: int = 0,
+               k: int = 20, rank: int = 16, steps: int = 400) -> Router:
+    """Fit a router on (X_train [N, D], Y_train [N, L] 0/1)."""
+    X_train = np.asarray(X_train, dtype=np.float64)
+    Y_train = np.asarray(Y_train, dtype=np.float64)
+    mean, std = X_train.mean(0), X_train.std(0) + 1e-6
     if kind == "logistic":
         from sklearn.linear_model import LogisticRegression
 
-        Xs, Xt = _standardise(X_train, X_train), _standardise(X_train, X_test)
-        R = np.empty((len(X_test), Y_train.shape[1]))
-        for s in range(Y_train.shape[1]):
+        Xs = (X_train - mean) / std
+        L, D = Y_train.shape[1], X_train.shape[1]
+        coef, intercept, const = np.zeros((L, D)), np.zeros(L), np.full(L, np.nan)
+        for s in range(L):
             y = Y_train[:, s]
             if y.min() == y.max():  # a stage always (or never) right on these prompts
-                R[:, s] = y[0]
+                const[s] = y[0]
                 continue
             # C=0.05: hidden states are ~1,000 wide and prompts a few hundred; strong L2.
             clf = LogisticRegression(C=0.05, max_iter=2000, random_state=seed).fit(Xs, y)
-            R[:, s] = clf.predict_proba(Xt)[:, 1]
-        return R
+            coef[s], intercept[s] = clf.coef_[0], clf.intercept_[0]
+        return Router(kind, {"mean": mean, "std": std, "coef": coef, "intercept": intercept,
+                             "const": const})
     if kind == "knn":
-        def unit(a: np.ndarray) -> np.ndarray:
-            a = a - X_train.mean(0)
-            return a / (np.linalg.norm(a, axis=1, keepdims=True) + 1e-12)
-
-        sim = unit(X_test) @ unit(X_train).T  # [M, N] cosine similarity
-        k = min(k, len(X_train))
-        nearest = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-        return Y_train[nearest].mean(1)
+        c = X_train - mean
+        unit = c / (np.linalg.norm(c, axis=1, keepdims=True) + 1e-12)
+        return Router(kind, {"mean": mean, "unit_train": unit, "Y_train": Y_train,
+                             "k": np.array(min(k, len(X_train)))})
     if kind == "mf":
-        return _matrix_factorisation(X_train, Y_train, X_test, seed, rank, steps)
+        return Router(kind, {"mean": mean, "std": std,
+                             **_matrix_factorisation(X_train, Y_train, seed, rank, steps)})
     raise ValueError(f"unknown router {kind!r}; choose from {ROUTERS}")
 
 
-def _matrix_factorisation(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray,
-                          seed: int, rank: int, steps: int) -> np.ndarray:
+def fit_predict(kind: str, X_train: np.ndarray, Y_train: np.ndarray, X_test: np.ndarray,
+                seed: int = 0, k: int = 20, rank: int = 16, steps: int = 400) -> np.ndarray:
+    """Fit a router on (X_train [N, D], Y_train [N, L] 0/1) and predict R [M, L] for X_test."""
+    return fit_router(kind, X_train, Y_train, seed, k, rank, steps).predict(X_test)
+
+
+def _matrix_factorisation(X_train: np.ndarray, Y_train: np.ndarray, seed: int, rank: int,
+                          steps: int) -> dict[str, np.ndarray]:
+    """W, V, b of ``logit = v_k · (W x) + b_k`` (x standardised), trained with AdamW."""
     import torch
 
     threads = torch.get_num_threads()
@@ -87,9 +168,8 @@ def _matrix_factorisation(X_train: np.ndarray, Y_train: np.ndarray, X_test: np.n
                 logits = (x @ W) @ V.T + b
                 torch.nn.functional.binary_cross_entropy_with_logits(logits, y).backward()
                 opt.step()
-            xt = torch.from_numpy(_standardise(X_train, X_test).astype(np.float32))
-            with torch.no_grad():
-                return torch.sigmoid((xt @ W) @ V.T + b).numpy().astype(np.float64)
+            return {"W": W.detach().numpy().copy(), "V": V.detach().numpy().copy(),
+                    "b": b.detach().numpy().copy()}
     finally:
         torch.set_num_threads(threads)
 
@@ -113,16 +193,22 @@ def route_decisions(R: np.ndarray, cost: np.ndarray, lam: float) -> np.ndarray:
     return np.argmin(cost + lam * (1.0 - R), axis=1)
 
 
+def cell_edges(R_cal: np.ndarray, stages: list[int], n_bins: int) -> list[np.ndarray]:
+    """Inner quantile edges (on calibration prompts) of each chosen stage's R."""
+    return [np.unique(np.quantile(R_cal[:, s], np.linspace(0, 1, n_bins + 1)[1:-1]))
+            for s in stages]
+
+
+def cell_labels(R: np.ndarray, stages: list[int], edges: list[np.ndarray]) -> np.ndarray:
+    """Cell label of each prompt: the bin of each chosen stage's R, joined (``"1:2|2:0"``)."""
+    parts = [np.searchsorted(e, R[:, s], side="right") for s, e in zip(stages, edges)]
+    return np.array(["|".join(f"{s}:{b}" for s, b in zip(stages, row))
+                     for row in np.stack(parts, 1)])
+
+
 def router_cells(R_cal: np.ndarray, R: np.ndarray, stages: list[int], n_bins: int
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Cell labels of calibration and other prompts: the quantile bin (edges from R_cal) of
     each chosen stage's R, joined (e.g. ``"1:2|2:0"``)."""
-    def cells(M: np.ndarray) -> np.ndarray:
-        parts = []
-        for s in stages:
-            edges = np.unique(np.quantile(R_cal[:, s], np.linspace(0, 1, n_bins + 1)[1:-1]))
-            parts.append(np.searchsorted(edges, M[:, s], side="right"))
-        return np.array(["|".join(f"{s}:{b}" for s, b in zip(stages, row))
-                         for row in np.stack(parts, 1)])
-
-    return cells(R_cal), cells(R)
+    edges = cell_edges(R_cal, stages, n_bins)
+    return cell_labels(R_cal, stages, edges), cell_labels(R, stages, edges)
