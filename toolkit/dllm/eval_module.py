@@ -35,6 +35,7 @@ from toolkit.dllm.tasks_data import (
     get_family,
     make_problems,
     score,
+    step_score,
 )
 from toolkit.evaluation.harness import EvaluationModule
 from toolkit.evaluation.results import RunReport, metric
@@ -88,6 +89,11 @@ def decode_problems(model: Any, tok: CharTokenizer, problems: list[Problem], pol
                 # A batch's wall time is shared equally by its rows (batch 1: the row's own).
                 "wall_s": res.wall_time_s / len(chunk), "decode_batch": len(chunk),
             })
+            steps = step_score(p, text)
+            if steps is not None:  # only families that write steps (multiblock) have the key
+                # Partial credit: a mask left in a step drops a character, so that step is
+                # wrong, the others still count.
+                rows[-1]["step_accuracy"] = steps
     return rows
 
 
@@ -105,10 +111,17 @@ def ratio_metric(num: list[float], den: list[float], seed: int = 0) -> dict[str,
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Every metric of a set of rows (accuracy only over rows that are not speed-only)."""
+    """Every metric of a set of rows (accuracy only over rows that are not speed-only).
+
+    ``step_accuracy`` (the mean fraction of intermediate steps right) is there only when some
+    scored row has one, i.e. for families that write their steps out.
+    """
     scored = [r["correct"] for r in rows if not r["speed_only"]]
+    stepped = [r["step_accuracy"] for r in rows
+               if not r["speed_only"] and r.get("step_accuracy") is not None]
     out: dict[str, Any] = {
         "accuracy": metric(scored) if scored else {"value": None, "ci95": None, "n": 0},
+        **({"step_accuracy": metric(stepped)} if stepped else {}),
         "tokens_per_s": ratio_metric([r["answer_tokens"] for r in rows],
                                      [r["wall_s"] for r in rows]),
         "cache_hit_rate": ratio_metric([r["positions_cached"] for r in rows],
