@@ -294,31 +294,32 @@ def test_missing_default_checkpoint_is_one_line():
     assert proc.returncode != 0 and "does not exist" in proc.stderr
 
 
-def test_decode_callback_restores_mode_and_runs_on_rank_zero_only():
+def test_decode_callback_restores_mode_and_shards_whole_batches():
     from types import SimpleNamespace
 
     from toolkit.dllm.callbacks import DiffusionDecodeCallback
     from toolkit.dllm.train_module import DiffusionTaskDataModule
 
-    dm = DiffusionTaskDataModule(train_sizes={"spell_backward": 4}, val_size=2)
+    dm = DiffusionTaskDataModule(train_sizes={"spell_backward": 4, "chain_sum": 4}, val_size=3)
     module = MaskedDiffusionLM(d_model=16, n_layers=1, n_heads=2, mlp_hidden_size=32,
                                max_sequence_length=64).train()
     logged: dict[str, float] = {}
     # No Trainer is attached, so record what the callback logs instead.
     module.log = lambda key, value, **_: logged.__setitem__(key, value)  # type: ignore
-    cb = DiffusionDecodeCallback(every_n_val_epochs=2, num_problems=2, batch_size=2)
-    trainer = SimpleNamespace(sanity_checking=False, global_rank=0, datamodule=dm)
+    cb = DiffusionDecodeCallback(every_n_val_epochs=2, num_problems=3, batch_size=2)
+    trainer = SimpleNamespace(sanity_checking=False, global_rank=0, world_size=1, datamodule=dm)
     cb.on_validation_epoch_end(trainer, module)  # 1st validation: skipped (every 2nd)
     assert not logged
     cb.on_validation_epoch_end(trainer, module)
     assert module.training  # the mode it found
     for key in ("val/acc_adaptive", "val/acc_fastdllm", "val/nfe_adaptive", "val/nfe_fastdllm"):
         assert key in logged
-    logged.clear()
-    other = SimpleNamespace(sanity_checking=False, global_rank=1, datamodule=dm)
-    cb.on_validation_epoch_end(other, module)
-    cb.on_validation_epoch_end(other, module)
-    assert not logged
+    assert logged["val/decode_problems"] == 6
+    # Ranks take whole batches (one family each, as one process cuts them), round robin.
+    batches = cb._batches(cb._problems(trainer))
+    assert [[p.id for p in b] for b in batches] == [
+        ["spell_backward/val/00000", "spell_backward/val/00001"], ["spell_backward/val/00002"],
+        ["chain_sum/val/00000", "chain_sum/val/00001"], ["chain_sum/val/00002"]]
 
 
 # A timing or a wall-clock rate is the only thing allowed to differ between the two runs.

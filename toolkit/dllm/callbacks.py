@@ -2,9 +2,19 @@
 
 Loss curves say little about decoding; this callback shows the end-to-end effect while the
 model trains: accuracy and NFE of both decoders on the same K held-out problems per family.
-It runs inside the Trainer's own process on rank 0 only (no Fabric, no subprocesses: the
-Trainer may itself be running under a launcher), with the model in eval mode, and restores
-the mode it found.
+It runs inside the Trainer's own processes (no Fabric, no subprocesses: the Trainer may itself
+be running under a launcher), with the model in eval mode, and restores the mode it found.
+
+Across processes (DDP) every rank decodes a shard and the rows are gathered on every rank
+with :func:`toolkit.evaluation.results.gather_rows` (``torch.distributed.all_gather_object``,
+as ``cli.py test`` gathers its rows), so the metrics equal one process's. The shard unit is a
+decode *batch*, not a problem: the problems are cut into the batches one process would decode
+(per family, ``batch_size`` at a time) and rank r takes batches r, r + W, ...; a batch's
+results may depend on its composition (left padding, a shared forward), so sharding whole
+batches keeps every row what it is in one process. Each rank then computes the same metrics
+from the same sorted rows and logs them with ``sync_dist`` (the mean of equal values is that
+value), so they can be monitored like any logged metric; only ``val/decode_s`` differs per
+rank and is reduced with ``max`` (the slowest rank).
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from toolkit.dllm.eval_module import decode_problems
 from toolkit.dllm.policies import make_policy
 from toolkit.dllm.tasks_data import Problem, get_family
+from toolkit.evaluation.results import gather_rows
 
 
 class DiffusionDecodeCallback(Callback):
@@ -26,7 +37,10 @@ class DiffusionDecodeCallback(Callback):
 
     Logs ``val/acc_adaptive``, ``val/acc_fastdllm``, ``val/nfe_adaptive``,
     ``val/nfe_fastdllm`` (means over the problems), plus ``val/block_adaptive`` (mean block
-    size) and ``val/decode_s`` (wall seconds the callback took).
+    size), ``val/decode_problems`` (problems decoded, all ranks together) and ``val/decode_s``
+    (wall seconds the callback took, slowest rank). When a decoded family writes its steps out
+    (the multiblock families), also ``val/step_acc_adaptive`` and ``val/step_acc_fastdllm``:
+    the mean fraction of intermediate steps right, over the problems of such families.
 
     Args:
         every_n_val_epochs: run on every n-th validation (sanity checks excluded).
@@ -61,37 +75,57 @@ class DiffusionDecodeCallback(Callback):
             picked += [p for p in dm.split("val") if p.family == family][:self.k]
         return picked
 
+    def _batches(self, problems: list[Problem]) -> list[list[Problem]]:
+        """The decode batches one process would run: per family, ``batch_size`` at a time."""
+        out: list[list[Problem]] = []
+        for family in dict.fromkeys(p.family for p in problems):
+            mine = [p for p in problems if p.family == family]
+            out += [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        return out
+
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
         self.validations += 1
-        if self.validations % self.every or trainer.global_rank != 0:
+        if self.validations % self.every:
             return
         t0 = time.perf_counter()
-        problems = self._problems(trainer)
+        shard = self._batches(self._problems(trainer))[trainer.global_rank::trainer.world_size]
         was_training = pl_module.training
         pl_module.eval()
         try:
             with torch.no_grad():
-                results = {name: self._decode(pl_module, problems, policy)
-                           for name, policy in self.policies.items()}
+                rows = [{**row, "policy": name} for name, policy in self.policies.items()
+                        for batch in shard for row in self._decode(pl_module, batch, policy)]
         finally:
             pl_module.train(was_training)
-        for name, rows in results.items():
-            pl_module.log(f"val/acc_{name}", float(np.mean([r["correct"] for r in rows])),
-                          rank_zero_only=True)
-            pl_module.log(f"val/nfe_{name}", float(np.mean([r["nfe"] for r in rows])),
-                          rank_zero_only=True)
-        pl_module.log("val/block_adaptive",
-                      float(np.mean([r["mean_block_size"] for r in results["adaptive"]])),
-                      rank_zero_only=True)
-        pl_module.log("val/decode_s", time.perf_counter() - t0, rank_zero_only=True)
+        rows = gather_rows(rows)  # collective: every rank calls it, every rank gets all rows
+        merged = {(r["policy"], r["id"]): r for r in rows}
+        rows = [merged[k] for k in sorted(merged)]
+        for name in self.policies:
+            mine = [r for r in rows if r["policy"] == name]
+            self._log(pl_module, f"val/acc_{name}", np.mean([r["correct"] for r in mine]))
+            self._log(pl_module, f"val/nfe_{name}", np.mean([r["nfe"] for r in mine]))
+            steps = [r["step_accuracy"] for r in mine if "step_accuracy" in r]
+            if steps:
+                self._log(pl_module, f"val/step_acc_{name}", np.mean(steps))
+        self._log(pl_module, "val/block_adaptive",
+                  np.mean([r["mean_block_size"] for r in rows if r["policy"] == "adaptive"]))
+        self._log(pl_module, "val/decode_problems", len(rows) / len(self.policies))
+        self._log(pl_module, "val/decode_s", time.perf_counter() - t0, reduce_fx="max")
 
-    def _decode(self, pl_module: LightningModule, problems: list[Problem],
+    @staticmethod
+    def _log(pl_module: LightningModule, key: str, value: float, reduce_fx: str = "mean"
+             ) -> None:
+        # Every rank logs the value computed from the same gathered rows; sync_dist's mean
+        # of equal values is that value (and it keeps Lightning's epoch-level check quiet).
+        # batch_size 1 on every rank: else Lightning weights the mean by each rank's last
+        # val batch, and unequal weights could round the equal values differently.
+        pl_module.log(key, float(value), sync_dist=True, reduce_fx=reduce_fx, batch_size=1)
+
+    def _decode(self, pl_module: LightningModule, batch: list[Problem],
                 policy: Any) -> list[dict[str, Any]]:
-        rows: list[dict[str, Any]] = []
-        for family in dict.fromkeys(p.family for p in problems):
-            mine = [p for p in problems if p.family == family]
-            rows += decode_problems(pl_module.model, pl_module.tokenizer, mine, policy,
-                                    get_family(family).gen_length, batch_size=self.batch_size)
-        return rows
+        """One decode call on one batch (one family)."""
+        return decode_problems(pl_module.model, pl_module.tokenizer, batch, policy,
+                               get_family(batch[0].family).gen_length,
+                               batch_size=len(batch))
