@@ -357,6 +357,50 @@ def test_two_process_test_equals_one_process(debug_ckpt: Path):
     assert res2["data"] == res1["data"]
 
 
+SHIPPED = REPO / "checkpoints" / "dllm" / "small" / "model.ckpt"
+# What the decode callback logs from the gathered rows (val/decode_s is a wall time).
+_CALLBACK_TAGS = ("val/acc_adaptive", "val/acc_fastdllm", "val/nfe_adaptive",
+                  "val/nfe_fastdllm", "val/step_acc_adaptive", "val/step_acc_fastdllm",
+                  "val/block_adaptive", "val/decode_problems")
+
+
+def test_decode_callback_over_two_processes_equals_one(tmp_path: Path):
+    """`fit` with the decode callback on 2 CPU ranks (ddp_fork, gloo) logs what 1 process logs.
+
+    The shipped model's weights at learning rate 0 (so both runs decode the same weights at
+    every validation) give varied rows: right and wrong answers, different NFE. 5 problems a
+    family in batches of 2 make 9 batches, 5 on rank 0 and 4 on rank 1; val/decode_problems
+    (15) shows that both shards reached the metrics. ~12 s on the idle 2-core machine."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    shipped, _, _ = load_diffusion_checkpoint_with_meta(SHIPPED)
+    dims = {k: getattr(shipped.config, k) for k in ("d_model", "n_layers", "n_heads",
+                                                 "mlp_hidden_size", "max_sequence_length",
+                                                 "rope_theta")}
+    config = tmp_path / "ddp_callback.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "trainer": {"max_steps": 2, "val_check_interval": 1, "enable_checkpointing": False,
+                    "callbacks": [{"class_path": "toolkit.dllm.callbacks.DiffusionDecodeCallback",
+                                   "init_args": {"num_problems": 5, "batch_size": 2}}]},
+        "model": {"class_path": "toolkit.dllm.train_module.MaskedDiffusionLM",
+                  "init_args": {**dims, "lr": 0.0, "init_weights": str(SHIPPED)}},
+        "data": {"class_path": "toolkit.dllm.train_module.DiffusionTaskDataModule",
+                 "init_args": {"train_sizes": {"spell_backward": 16, "chain_sum": 16,
+                                               "worked_sum": 8}, "val_size": 5}}}))
+    logged = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp_fork")):
+        proc = _cli("fit", "--config", "configs/dllm/debug.yaml", "--config", str(config),
+                    "--trainer.devices", str(devices), "--trainer.strategy", strategy)
+        events = EventAccumulator(str(_line(proc, "run directory: ")))
+        events.Reload()
+        logged[devices] = {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+                           for tag in _CALLBACK_TAGS}
+    assert logged[2] == logged[1]
+    assert [v for _, v in logged[1]["val/decode_problems"]] == [15.0, 15.0]
+    assert len({v for tag in ("val/nfe_adaptive", "val/nfe_fastdllm")
+                for _, v in logged[1][tag]}) == 2  # the two policies differ
+
+
 @pytest.mark.parametrize("flags,message", [
     (("--method", "dllm-fastdllm", "--model.init_args.policy_args.block_length", "24"),
      "error: fastdllm: gen_length 32 must be a multiple of block_length 24"),
