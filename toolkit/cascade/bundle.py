@@ -11,7 +11,9 @@ calibration table the policy was fitted on. Building is cascade work, so it live
   (``predictor_module.train_quality_predictor``: the model class, heads and loss ``fit``
   ships);
 * the policy is fitted on the held-out prompts (val + test splits), scored by that predictor,
-  so calibration looks like live traffic.
+  so calibration looks like live traffic;
+* with ``build.routing``, the bundle also carries a router on the prompt embeddings and the
+  policy picks the entry stage per router cell (``bundle_routing.py``; format version 2).
 """
 
 from __future__ import annotations
@@ -25,13 +27,21 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.cascade.bundle_routing import RouterRecipe, embedding_spec, fit_routing
 from toolkit.cascade.features import FeatureSchema, build_schema
 from toolkit.cascade.onnx_runtime import OnnxQualityPredictor
 from toolkit.cascade.prompt_table import PromptTable, load_prompt_table
 from toolkit.cascade.stopping import calibrate_lambda, evaluate, fit_policy, policy_to_dict
 from toolkit.common.io import atomic_write_json
 from toolkit.generation.base import DecodingConfig
-from toolkit.serving.bundle import DECODING_KEYS, FORMAT, VERSION, BundleError, sha256_file
+from toolkit.serving.bundle import (
+    DECODING_KEYS,
+    FORMAT,
+    ROUTER_VERSION,
+    VERSION,
+    BundleError,
+    sha256_file,
+)
 
 
 @dataclass
@@ -60,6 +70,9 @@ class BuildRecipe:
     train_steps: int = 400
     """Full-batch AdamW steps when training the predictor here."""
     seed: int = 0
+    routing: RouterRecipe | None = None
+    """Route each prompt before any stage runs (a router on the prompt embeddings of
+    ``python cli.py embed``); None = today's cascade."""
 
 
 def _identity(model: str) -> dict[str, Any]:
@@ -106,6 +119,8 @@ def build_bundle(out: str | Path, stages: list[str], decoding: DecodingConfig,
         raise BundleError("give exactly one of build.lam and build.budget")
     if len(stages) < 2:
         raise BundleError(f"a cascade needs at least 2 stages, got {len(stages)}")
+    if recipe.routing is not None:
+        recipe.routing.cell_stages(len(stages))  # refuse a bad recipe before any training
     ident = [_identity(m) for m in stages]
     if recipe.predictor:
         schema = OnnxQualityPredictor(recipe.predictor).schema
@@ -115,6 +130,8 @@ def build_bundle(out: str | Path, stages: list[str], decoding: DecodingConfig,
     else:
         schema = build_schema(recipe.schema, len(stages))
     table = _stage_table(recipe.records, ident, decoding, schema)
+    embeddings = None if recipe.routing is None else embedding_spec(  # a stale sidecar: now
+        recipe.records, recipe.routing.model or stages[0], decoding, table.ids)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -132,16 +149,25 @@ def build_bundle(out: str | Path, stages: list[str], decoding: DecodingConfig,
         P = np.stack([predictor.predict(held.features[:, k])[:, 0]
                       for k in range(len(stages))], 1)
         Y, C = held.correct, held.cost
-        if recipe.budget is not None:
+        routed, groups, embed_cost = None, None, np.zeros(len(held.ids))
+        if recipe.routing is not None:
+            routed = fit_routing(recipe.routing, table, cal, P, embeddings, recipe.records,
+                                 recipe.lam, recipe.budget, recipe.n_bins, recipe.mix,
+                                 recipe.seed)
+            policy, groups = routed.routed.policy, routed.routed.cells(routed.R_cal)
+            embed_cost = routed.embed_cost
+            budget = None if recipe.budget is None else {
+                **routed.routed.info, "embed_cost": float(embed_cost.mean())}
+        elif recipe.budget is not None:
             policy, budget = calibrate_lambda(P, Y, C, recipe.budget, n_bins=recipe.n_bins,
                                               allow_skip=recipe.allow_skip, mix=recipe.mix)
         else:
             policy = fit_policy(P, Y, C, recipe.lam, n_bins=recipe.n_bins,
                                 allow_skip=recipe.allow_skip)
             budget = None
-        ev = evaluate(policy, P, Y, C, keys=held.keys)
+        ev = evaluate(policy, P, Y, C, groups, keys=held.keys)
         meta = {
-            "format": FORMAT, "version": VERSION,
+            "format": FORMAT, "version": VERSION if routed is None else ROUTER_VERSION,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "stages": ident, "decoding": asdict(decoding),
             "predictor": {"file": "predictor.onnx",
@@ -152,19 +178,28 @@ def build_bundle(out: str | Path, stages: list[str], decoding: DecodingConfig,
             "lambda": policy.lam, "budget": None if budget is None else {
                 "metric": "cost", "target": recipe.budget, **budget},
             "policy_fit": {"n_bins": recipe.n_bins, "allow_skip": recipe.allow_skip,
-                           "mix": recipe.mix},
+                           "mix": recipe.mix, **(routed.policy_kwargs if routed else {})},
             "policy": policy_to_dict(policy),
             "calibration": {
                 "file": "calibration.json", "records": str(recipe.records),
                 "prompts": int(cal.sum()), "splits": ["val", "test"],
                 "mean_top_flops": float(held.flops[:, -1].mean()),
                 "stops_per_stage": np.bincount(ev["stage"], minlength=len(stages)).tolist(),
-                "mean_cost": float(ev["cost"].mean()), "accuracy": float(ev["correct"].mean()),
+                "mean_cost": float((ev["cost"] + embed_cost).mean()),
+                "accuracy": float(ev["correct"].mean()),
                 "records_max_new_tokens": table.max_new_tokens},
         }
-        atomic_write_json(tmp / "calibration.json",
-                          {"ids": held.ids.tolist(), "P": P.tolist(), "Y": Y.tolist(),
-                           "C": C.tolist()})
+        cal_table = {"ids": held.ids.tolist(), "P": P.tolist(), "Y": Y.tolist(),
+                     "C": C.tolist()}
+        if routed is not None:
+            routed.router.save(tmp / "router.npz")
+            meta["router"] = {**routed.section, "sha256": sha256_file(tmp / "router.npz")}
+            meta["calibration"]["entries_per_stage"] = np.bincount(
+                [policy.for_key(str(k)).first_stage(str(g)) for k, g in zip(held.keys, groups)],
+                minlength=len(stages)).tolist()
+            cal_table |= {"R": routed.R_cal.tolist(), "cells": groups.tolist(),
+                          "embed_cost": embed_cost.tolist()}
+        atomic_write_json(tmp / "calibration.json", cal_table)
         atomic_write_json(tmp / "bundle.json", meta)
         if out.exists():
             shutil.rmtree(out)

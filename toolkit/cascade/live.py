@@ -5,6 +5,10 @@ Decisions go through the same ``StoppingPolicy`` as replay (``policy.first_stage
 with the same models and settings makes the same decisions as replay on those records. Prompts
 are batched per stage: all prompts waiting for stage k are generated together, scored by the
 ONNX predictor, and each one stops or moves on.
+
+With a prompt router (a cascade-routing bundle, ``live_routing.PromptRouter``), every prompt
+is embedded first and enters at the stage its router cell's policy picks; its cell is the
+policy group of every later decision, and the embedding forward is charged to its cost.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from toolkit.cascade.features import record_features
+from toolkit.cascade.live_routing import PromptRouter, Route
 from toolkit.cascade.onnx_runtime import OnnxQualityPredictor
 from toolkit.cascade.stopping import AnyPolicy, Decision, History, StoppingPolicy, prompt_key
 from toolkit.generation.base import (
@@ -58,6 +63,7 @@ class CascadeResult:
     cost_flops: float
     latency_ms: float
     trace: list[StageTrace] = field(default_factory=list)
+    route: Route | None = None
 
 
 class LiveCascade:
@@ -70,11 +76,13 @@ class LiveCascade:
             ``MixedPolicy`` is resolved per prompt by ``prompt_key``.
         decoding: decoding settings (greedy by default, as the labels were made).
         batch_size: sequences decoding together per stage.
+        router: a prompt router (cascade-routing bundles): the entry stage and policy group
+            of each prompt come from it; None = the policy's entry for the given groups.
     """
 
     def __init__(self, backends: Sequence[Any], predictor: OnnxQualityPredictor,
                  policy: AnyPolicy, decoding: DecodingConfig | None = None,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, router: PromptRouter | None = None) -> None:
         if predictor.schema.num_stages != len(backends) or policy.num_stages != len(backends):
             raise ValueError(f"{len(backends)} stages, but the predictor expects "
                              f"{predictor.schema.num_stages} and the policy "
@@ -82,12 +90,18 @@ class LiveCascade:
         self.backends, self.predictor, self.policy = list(backends), predictor, policy
         self.decoding = decoding or DecodingConfig()
         self.batch_size = batch_size
+        self.router = router
 
     def run(self, prompts: Sequence[str], groups: Sequence[str] | None = None
             ) -> list[CascadeResult]:
+        """Run the cascade on prompts; ``groups`` (tasks) are ignored with a router, whose
+        cells are the groups."""
         t0 = time.perf_counter()
-        groups = list(groups) if groups is not None else [""] * len(prompts)
         policies = [self.policy.for_key(prompt_key(p)) for p in prompts]
+        routes = self.router.route(prompts, policies) if self.router is not None else None
+        if routes is not None:
+            groups = [r.cell for r in routes]
+        groups = list(groups) if groups is not None else [""] * len(prompts)
         at = {i: policies[i].first_stage(groups[i]) for i in range(len(prompts))}
         hist: dict[int, History] = {i: () for i in range(len(prompts))}
         traces: dict[int, list[StageTrace]] = {i: [] for i in range(len(prompts))}
@@ -105,9 +119,11 @@ class LiveCascade:
                 traces[i].append(st.trace)
                 if st.decision.action == "stop":
                     tr = traces[i]
-                    done[i] = CascadeResult(st.trace.output, k, [t.p for t in tr],
-                                            sum(t.cost_flops for t in tr),
-                                            1000 * (time.perf_counter() - t0), tr)
+                    route = routes[i] if routes is not None else None
+                    cost = sum(t.cost_flops for t in tr) + (route.embedding_flops if route
+                                                            else 0.0)
+                    done[i] = CascadeResult(st.trace.output, k, [t.p for t in tr], cost,
+                                            1000 * (time.perf_counter() - t0), tr, route)
                 else:
                     at[i] = st.decision.next_stage
         return [done[i] for i in range(len(prompts))]

@@ -264,26 +264,30 @@ def build_sidecar(data_dir: str = "data/cascade", model: str = "zoo:smollm2-135m
 
 
 def load_sidecar(data_dir: str | Path, ids: list[str] | np.ndarray,
-                 model_slug: str = "smollm2-135m-instruct", sha256: str | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+                 model_slug: str = "smollm2-135m-instruct", sha256: str | None = None,
+                 model: str | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Embeddings float32 [len(ids), D] and FLOPs [len(ids)] in the order of ``ids``, and meta.
+
+    ``model`` (default ``zoo:<model_slug>``) is the name the error messages' ``embed``
+    command gives the model (a local folder's slug is not a zoo name).
 
     Raises:
         EmbeddingSidecarError: no sidecar for ``model_slug``; one made with another model or
             (when ``sha256`` is given) other weights; or prompt ids it does not hold.
     """
     npz, meta_path = sidecar_paths(data_dir, model_slug)
-    make = _make_command(data_dir, f"zoo:{model_slug}")
+    model = model or f"zoo:{model_slug}"
+    make = _make_command(data_dir, model)
     if not npz.is_file() or not meta_path.is_file():
         raise EmbeddingSidecarError(f"no prompt embeddings of {model_slug} under "
                                     f"{npz.parent}; make them with {make}")
     meta = json.loads(meta_path.read_text())
-    make = _make_command(data_dir, meta.get("model", f"zoo:{model_slug}"))
+    make = _make_command(data_dir, meta.get("model", model))
     if meta.get("slug") != model_slug or (sha256 is not None and meta.get("sha256") != sha256):
         raise EmbeddingSidecarError(
             f"{npz} was made with {meta.get('slug')} sha256 {str(meta.get('sha256'))[:12]}, "
             f"expected {model_slug} sha256 {str(sha256)[:12]}; rebuild it with "
-            f"{_make_command(data_dir, f'zoo:{model_slug}', force=True)}")
+            f"{_make_command(data_dir, model, force=True)}")
     have, emb, flops = _read_npz(npz)
     row = {i: k for k, i in enumerate(have)}
     wanted = [str(i) for i in ids]

@@ -14,7 +14,8 @@ log-probs on; when streaming they come whole with the last chunk); what the serv
 
 OpenAI compatibility: ``/v1/chat/completions`` and ``/v1/completions`` return the OpenAI
 shapes, plus one extra field ``cascade`` (``CascadeInfo``: the stage that answered, its model,
-the stage probabilities, latency, cost). With ``stream: true`` they send server-sent events;
+the stage probabilities, latency, cost; from a routing bundle also ``route``: the entry
+stage, router cell and router probabilities). With ``stream: true`` they send server-sent events;
 text reaches the client only once it is certain to be returned (see ``engine.py``), and the
 last chunk before ``[DONE]`` carries ``finish_reason`` and ``cascade``.
 """
@@ -117,7 +118,11 @@ def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
     """Build the app around a (not yet started) engine; the app's lifespan runs the engine."""
     stats = engine.stats
     backends = engine.cascade.backends
-    context = min(getattr(b, "context_length", 1 << 30) for b in backends)
+    # A routing bundle's embedding model reads every prompt too: its tokenizer and context
+    # bound what a request may send, like the stages'.
+    readers = backends + ([engine.cascade.router.embedder.backend]
+                          if engine.cascade.router is not None else [])
+    context = min(getattr(b, "context_length", 1 << 30) for b in readers)
     decoding = engine.cascade.decoding
     max_top = decoding.top_logprobs if decoding.token_stats else 0
     # A character takes at most 6 bytes in a JSON body (\uXXXX): a prompt one character over
@@ -162,7 +167,7 @@ def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
             raise ApiError(400, "this bundle decodes without a chat template: send a plain "
                            "prompt to /v1/completions or /generate", param, "unsupported")
         try:
-            n_tokens = max(b.count_tokens(prompt, decoding) for b in backends)
+            n_tokens = max(b.count_tokens(prompt, decoding) for b in readers)
         except Exception as err:  # the chat template or tokenizer refused this input
             raise ApiError(400, f"{param} could not be tokenised: {err}", param,
                            "invalid_prompt") from None
@@ -206,7 +211,7 @@ def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
         return CascadeInfo(stopped_at_stage=r.stopped_at_stage,
                            stage_model=backends[r.stopped_at_stage].info.slug,
                            stage_probabilities=r.stage_probabilities,
-                           latency_ms=r.latency_ms, cost_flops=r.cost_flops)
+                           latency_ms=r.latency_ms, cost_flops=r.cost_flops, route=r.route)
 
     def usage(r: JobResult) -> dict[str, int]:
         return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
@@ -221,7 +226,8 @@ def create_app(engine: CascadeEngine, limits: Limits, api_key: str | None,
                                 latency_ms=r.latency_ms,
                                 stage_probabilities=r.stage_probabilities,
                                 finish_reason=r.finish_reason, prompt_tokens=r.prompt_tokens,
-                                completion_tokens=r.completion_tokens, cost_flops=r.cost_flops)
+                                completion_tokens=r.completion_tokens, cost_flops=r.cost_flops,
+                                route=r.route)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAMED,
               summary="OpenAI-compatible chat completion (plain or stream: true)")

@@ -8,6 +8,9 @@ A bundle is a folder::
     predictor.onnx     the quality predictor (feature schema in its metadata)
     calibration.json   the calibration table: predicted p, correctness and cost of every stage
                        for every calibration prompt (refits the policy when LAMBDA_VALUE is set)
+    router.npz         (version 2, a cascade-routing bundle) the router's arrays; bundle.json's
+                       ``router`` section names its embedding model (slug, sha256, layers,
+                       pooling, chat formatting) and the cells the policy's entry is chosen by
 
 Why a bundle and not "models + a predictor path": the stopping policy is only meaningful for
 the exact models, decoding settings and predictor its calibration data came from. The server
@@ -29,11 +32,13 @@ from typing import Any
 import numpy as np
 
 from toolkit.cascade.onnx_runtime import OnnxQualityPredictor
+from toolkit.cascade.routing import Router
 from toolkit.cascade.stopping import AnyPolicy, StoppingPolicy, fit_policy, policy_from_dict
 from toolkit.common.errors import UserError
 from toolkit.generation.base import DecodingConfig
 
 FORMAT, VERSION = "toolkit-cascade-bundle", 1
+ROUTER_VERSION = 2  # a bundle that routes prompts (older servers refuse it: they read v1 only)
 # Decoding fields that change what a stage answers (max_new_tokens may differ: it is a cap).
 DECODING_KEYS = ("temperature", "top_p", "top_k", "chat_template", "system_prompt")
 
@@ -51,6 +56,8 @@ class Bundle:
     predictor: OnnxQualityPredictor
     policy: AnyPolicy
     calibration: dict[str, Any] = field(default_factory=dict)
+    router: Router | None = None
+    """The prompt router of a cascade-routing bundle (its spec: ``meta["router"]``)."""
 
     @property
     def stages(self) -> list[dict[str, Any]]:
@@ -62,10 +69,13 @@ class Bundle:
 
     def refit_lambda(self, lam: float) -> StoppingPolicy:
         """The policy at another λ, fitted on the bundle's own calibration table."""
-        cal = self.calibration
+        cal, fit = self.calibration, self.meta["policy_fit"]
+        routed = {} if self.router is None else {
+            "groups": np.asarray(cal["cells"]), "escalate": bool(fit["escalate"]),
+            "shared_decisions": bool(fit["shared_decisions"])}
         return fit_policy(np.asarray(cal["P"]), np.asarray(cal["Y"]), np.asarray(cal["C"]),
-                          lam, n_bins=int(self.meta["policy_fit"]["n_bins"]),
-                          allow_skip=bool(self.meta["policy_fit"].get("allow_skip", True)))
+                          lam, n_bins=int(fit["n_bins"]),
+                          allow_skip=bool(fit.get("allow_skip", True)), **routed)
 
 
 def sha256_file(path: Path) -> str:
@@ -86,8 +96,11 @@ def load_bundle(path: str | Path, stages: list[str] | None = None,
         raise BundleError(f"no bundle at {path} (no bundle.json); build it with "
                           "`python cli.py serve --config … --build_bundle true`")
     meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise BundleError(f"{meta_path} is not a {FORMAT} v{VERSION} file")
+    if meta.get("format") != FORMAT or meta.get("version") not in (VERSION, ROUTER_VERSION):
+        raise BundleError(f"{meta_path} is not a {FORMAT} v{VERSION} or v{ROUTER_VERSION} file")
+    if (meta["version"] == ROUTER_VERSION) != ("router" in meta):
+        raise BundleError(f"{meta_path}: a v{ROUTER_VERSION} bundle carries a router and only "
+                          "it does; rebuild it with --build_bundle true")
     names = [s["model"] for s in meta["stages"]]
     if stages is not None and list(stages) != names:
         raise BundleError(f"bundle {path} holds stages {names}, the config asks for "
@@ -109,7 +122,21 @@ def load_bundle(path: str | Path, stages: list[str] | None = None,
                           f"{predictor.schema.num_stages} and the policy has {policy.num_stages}")
     cal_path = path / meta["calibration"]["file"]
     calibration = json.loads(cal_path.read_text()) if cal_path.is_file() else {}
-    return Bundle(path, meta, predictor, policy, calibration)
+    router = _load_router(path, meta) if "router" in meta else None
+    return Bundle(path, meta, predictor, policy, calibration, router)
+
+
+def _load_router(path: Path, meta: dict[str, Any]) -> Router:
+    spec = meta["router"]
+    file = path / spec["file"]
+    if not file.is_file() or sha256_file(file) != spec["sha256"]:
+        raise BundleError(f"{file} is missing or differs from the sha256 in bundle.json")
+    router = Router.load(file)
+    if router.num_stages != len(meta["stages"]) or router.dim != spec["embedding"]["dim"]:
+        raise BundleError(f"{file} predicts {router.num_stages} stages from {router.dim}-wide "
+                          f"embeddings; the bundle has {len(meta['stages'])} stages and "
+                          f"{spec['embedding']['dim']}-wide embeddings")
+    return router
 
 
 def check_models(bundle: Bundle, backends: list[Any]) -> None:

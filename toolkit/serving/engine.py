@@ -25,6 +25,10 @@ Streaming: an answer is streamed only once it is certain to be returned. The top
 returns, so its tokens stream as they are decoded (``on_step`` hook of the decode loop); a
 lower stage's answer is sent in one piece after the policy accepts it.
 
+Routing bundles: a request is first embedded and routed (``LiveCascade.router``) on the
+engine thread, in one batch with the others that arrived meanwhile (between decoding steps
+under join admission), and queued at its entry stage with its router cell as policy group.
+
 Results cross back to the asyncio loop with ``call_soon_threadsafe``.
 """
 
@@ -40,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from toolkit.cascade.live import LiveCascade, StageStep, StageTrace
+from toolkit.cascade.live_routing import Route
 from toolkit.cascade.stopping import History, StoppingPolicy, prompt_key
 from toolkit.generation.base import GenerationOutput, GenerationRequest, Messages, call_cost
 from toolkit.serving.outputs import cut_at_stop, streamable, token_logprobs
@@ -61,6 +66,8 @@ class JobResult:
     trace: list[dict[str, Any]]
     logprobs: list[dict[str, Any]] | None = None
     """Per-token entries (``outputs.token_logprobs``) when the request asked for them."""
+    route: dict[str, Any] | None = None
+    """``Route.to_dict()`` of a routed request (routing bundles), else None."""
 
 
 @dataclass
@@ -90,6 +97,9 @@ class Job:
     """Stop strings: the returned text ends before the first one (``outputs.py``)."""
     top_logprobs: int | None = None
     """None: no log-probs; else return them with this many top alternatives per token."""
+    route: Route | None = None
+    """Where the router sent it (routing bundles); its cell is the policy group."""
+    group: str = ""
 
 
 class CascadeEngine:
@@ -120,6 +130,7 @@ class CascadeEngine:
         self.top = len(cascade.backends) - 1
         self.top_params = cascade.backends[-1].info.non_embedding_params
         self.queues: list[deque[Job]] = [deque() for _ in cascade.backends]
+        self.arrivals: deque[Job] = deque()  # waiting to be routed (routing bundles)
         self.cond = threading.Condition()
         self.stopping = False
         self.thread: threading.Thread | None = None
@@ -143,9 +154,12 @@ class CascadeEngine:
             if self.stopping or self.stats.in_flight >= self.max_queue:
                 return False
             job.policy = self.cascade.policy.for_key(prompt_key(job.prompt))
-            job.stage = job.policy.first_stage("")
             job.enqueued = time.perf_counter()
-            self.queues[job.stage].append(job)
+            if self.cascade.router is not None:
+                self.arrivals.append(job)  # its entry stage is decided on the engine thread
+            else:
+                job.stage = job.policy.first_stage("")
+                self.queues[job.stage].append(job)
             self.stats.in_flight += 1
             self.stats.queue_depth += 1
             self.cond.notify_all()
@@ -162,9 +176,12 @@ class CascadeEngine:
             self._loop_join()
             return
         while True:
+            self._route_arrivals()
             picked = self._next_batch()
             if picked is None:
                 return
+            if not picked[1]:  # new arrivals to route first
+                continue
             try:
                 self._run(*picked)
             except Exception:  # never let one bad batch kill the engine thread
@@ -180,10 +197,45 @@ class CascadeEngine:
                 self.stats.queue_depth -= 1
                 self.stats.in_flight -= 1
 
+    def _route_arrivals(self) -> None:
+        """Embed and route up to ``max_batch`` arrived requests in one forward and queue each
+        at its entry stage (routing bundles; nothing to do otherwise)."""
+        router = self.cascade.router
+        if router is None:
+            return
+        with self.cond:
+            jobs = []
+            while self.arrivals and len(jobs) < self.max_batch:
+                job = self.arrivals.popleft()
+                if job.cancelled:
+                    self.stats.queue_depth -= 1
+                    self.stats.in_flight -= 1
+                else:
+                    jobs.append(job)
+        if not jobs:
+            return
+        try:
+            routes = router.route([j.prompt for j in jobs], [j.policy for j in jobs])
+        except Exception:  # never let one bad batch kill the engine thread
+            log.exception("engine: routing failed")
+            for job in jobs:
+                with self.cond:
+                    self.stats.queue_depth -= 1
+                self._fail(job, "internal error while routing (see the server log)")
+            return
+        with self.cond:
+            for job, route in zip(jobs, routes):
+                job.route, job.group, job.stage = route, route.cell, route.entry_stage
+                job.enqueued = time.perf_counter()
+                self.queues[job.stage].append(job)
+            self.cond.notify_all()
+
     def _next_batch(self) -> tuple[int, list[Job]] | None:
         with self.cond:
             while True:
                 self._drop_cancelled()
+                if self.arrivals:
+                    return -1, []
                 heads = [(q[0].arrived, k) for k, q in enumerate(self.queues) if q]
                 if not heads:
                     if self.stopping:
@@ -213,7 +265,8 @@ class CascadeEngine:
         self.stats.batch(k, len(batch))
         steps = self.cascade.run_stage(k, requests, [j.history for j in batch], decoding,
                                        self._step_hook(k, batch),
-                                       policies=[j.policy for j in batch])
+                                       policies=[j.policy for j in batch],
+                                       groups=[j.group for j in batch])
         for job, st in zip(batch, steps):
             if st.output.stop_reason == "cancelled":
                 self._abandoned()
@@ -245,12 +298,15 @@ class CascadeEngine:
     def _loop_join(self) -> None:
         sessions: list[_Session] = []
         while True:
+            self._route_arrivals()
             with self.cond:
                 self._drop_cancelled()
                 for k, q in enumerate(self.queues):
                     if q and not any(s.stage == k and s.key == _key(q[0]) for s in sessions):
                         sessions.append(self._open(k, _key(q[0])))
                 if not sessions:
+                    if self.arrivals:
+                        continue
                     if self.stopping and not any(self.queues):
                         return
                     self.cond.wait()
@@ -314,7 +370,7 @@ class CascadeEngine:
             return
         jobs = [sess.jobs[i] for i, _ in live]
         steps = self.cascade.score(sess.stage, [o for _, o in live], [j.history for j in jobs],
-                                   [j.policy for j in jobs])
+                                   [j.policy for j in jobs], [j.group for j in jobs])
         for (i, _), job, st in zip(live, jobs, steps):
             sess.settled.add(i)  # before routing: a failure after this is not this job's
             self._route(sess.stage, job, st)
@@ -364,7 +420,8 @@ class CascadeEngine:
                 return
         out = st.output
         latency = time.perf_counter() - job.arrived
-        cost = sum(t.cost_flops for t in job.traces)
+        embed = job.route.embedding_flops if job.route is not None else 0.0
+        cost = sum(t.cost_flops for t in job.traces) + embed
         top_cost = st.trace.cost_flops if k == self.top else call_cost(
             self.top_params, out.prompt_tokens, out.generated_tokens)
         text, stopped = cut_at_stop(st.trace.output, job.stop)
@@ -383,8 +440,10 @@ class CascadeEngine:
             finish_reason="length" if out.stop_reason == "length" and not stopped else "stop",
             trace=[{"stage": t.stage, "model": t.model, "p": t.p, "decision": t.decision,
                     "why": t.why, "generated_tokens": t.generated_tokens,
-                    "wall_s": t.wall_s} for t in job.traces])
-        self.stats.completed(k, latency, cost, top_cost, out.generated_tokens)
+                    "wall_s": t.wall_s} for t in job.traces],
+            route=None if job.route is None else job.route.to_dict())
+        self.stats.completed(k, latency, cost, top_cost, out.generated_tokens,
+                             None if job.route is None else job.route.entry_stage, embed)
         if job.events is not None:
             if result.text.startswith(job.sent_text):
                 self._send_delta(job, result.text[len(job.sent_text):])

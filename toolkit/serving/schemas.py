@@ -226,6 +226,18 @@ def message_text(content: str | list[TextPart]) -> str:
     return content if isinstance(content, str) else "".join(p.text for p in content)
 
 
+class RouteInfo(BaseModel):
+    """Where a routing bundle's router sent the prompt before any stage ran."""
+
+    entry_stage: int = Field(description="0-based stage the prompt entered the cascade at.")
+    cell: str = Field(description="Router cell: the bin of each cell stage's predicted "
+                      "correctness (e.g. '0:1|1:0'); the policy's entry is chosen per cell.")
+    router_probabilities: list[float] = Field(description="The router's predicted probability "
+                                              "that each stage answers correctly.")
+    embedding_flops: float = Field(description="Cost of the prompt-embedding forward "
+                                   "(included in cost_flops).")
+
+
 class CascadeInfo(BaseModel):
     """The extra ``cascade`` field of OpenAI-style responses: which stage answered and why."""
 
@@ -235,7 +247,10 @@ class CascadeInfo(BaseModel):
                                              "run, in order.")
     latency_ms: float
     cost_flops: float = Field(description="2 · non-embedding params · tokens, summed over the "
-                              "stages run.")
+                              "stages run (and the router's embedding forward, if any).")
+    route: RouteInfo | None = Field(None, exclude_if=lambda v: v is None,
+                                    description="Only from a routing bundle: the router's "
+                                    "decision before any stage ran.")
 
 
 class GenerateResponse(BaseModel):
@@ -247,6 +262,9 @@ class GenerateResponse(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     cost_flops: float
+    route: RouteInfo | None = Field(None, exclude_if=lambda v: v is None,
+                                    description="Only from a routing bundle: the router's "
+                                    "decision before any stage ran.")
 
 
 class Usage(BaseModel):

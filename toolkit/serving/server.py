@@ -7,6 +7,10 @@ requires an API key (``--api_key`` or the ``TOOLKIT_API_KEY`` environment variab
 the key out of ``ps``). ``LAMBDA_VALUE`` in the environment overrides λ as in the seed: the
 policy is refitted at that λ on the bundle's calibration table, and a warning says that the
 bundle's calibrated budget no longer holds.
+
+A routing bundle (``build.routing``) also loads its embedding model and embeds every request
+first; a model whose slug or sha256 differs from the bundle's is refused before anything
+loads (``embedding_model`` may say where the model lives, not change which one it is).
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
           max_queue: int = 64, admission: str = "join", limits: Limits | None = None,
           dtype: str = "float32",
           device: str = "cpu", threads: int | None = None, model_name: str = "cascade",
-          log_level: str = "info") -> dict[str, Any] | None:
+          log_level: str = "info", embedding_model: str | None = None
+          ) -> dict[str, Any] | None:
     """Serve a cascade bundle over HTTP (FastAPI + uvicorn), or build the bundle.
 
     Endpoints: POST /generate (the seed's), POST /v1/chat/completions and /v1/completions
@@ -92,6 +97,9 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
         threads: torch intra-op threads (None = torch's default).
         model_name: the `model` reported in OpenAI responses.
         log_level: uvicorn's log level.
+        embedding_model: where a routing bundle's embedding model is loaded from (zoo:<slug>
+            or a folder); None = the one the bundle names. Its slug and sha256 must be the
+            bundle's.
     """
     limits = limits or Limits()
     if build_bundle:
@@ -114,6 +122,12 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
         if value <= 0:
             raise BundleError(f"{name} must be positive, got {value}")
     loaded = load_bundle(bundle, stages, decoding)
+    if loaded.router is not None:  # refuse another embedding model before loading anything
+        from toolkit.cascade.live_routing import check_embedding_model
+
+        check_embedding_model(loaded.meta["router"]["embedding"], embedding_model)
+    elif embedding_model:
+        raise BundleError(f"embedding_model is for routing bundles; {bundle} has no router")
     lam = lambda_override(loaded.meta)
     policy = loaded.refit_lambda(lam) if lam is not None else loaded.policy
 
@@ -133,8 +147,16 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
                 for s in loaded.stages]
     check_models(loaded, backends)
     cal_decoding = replace(loaded.decoding, max_new_tokens=limits.max_tokens_limit)
-    cascade = LiveCascade(backends, loaded.predictor, policy, cal_decoding, batch_size=max_batch)
-    stats = ServerStats(len(backends), [b.info.slug for b in backends])
+    router = None
+    if loaded.router is not None:
+        from toolkit.cascade.live_routing import load_prompt_router
+
+        router = load_prompt_router(loaded.meta["router"], loaded.router, loaded.decoding,
+                                    embedding_model, device)
+    cascade = LiveCascade(backends, loaded.predictor, policy, cal_decoding, batch_size=max_batch,
+                          router=router)
+    stats = ServerStats(len(backends), [b.info.slug for b in backends],
+                        routing=router is not None)
     engine = CascadeEngine(cascade, stats, max_batch=max_batch, wait_ms=wait_ms,
                            max_queue=max_queue, admission=admission)
     # Names and hashes only: /stats must not reveal where files live on the server.
@@ -149,6 +171,13 @@ def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None
             "entry_stage": (policy.first_stage("") if not isinstance(policy, MixedPolicy) else
                             {"low": policy.low.first_stage(""),
                              "high": policy.high.first_stage(""), "q_high": policy.q})}
+    if router is not None:
+        spec = loaded.meta["router"]
+        info["entry_stage"] = "per prompt (router cell)"
+        info["router"] = {"kind": spec["kind"], "method": spec["method"],
+                          "sha256": spec["sha256"], "cells": spec["cells"],
+                          "embedding_model": {k: spec["embedding"][k]
+                                              for k in ("slug", "sha256", "layers")}}
     app = create_app(engine, limits, api_key, model_name, info)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=int(limits.request_timeout_s) + 5)

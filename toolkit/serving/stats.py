@@ -6,6 +6,10 @@ come from the most recent ``window`` requests (a bounded deque, so memory stays 
 "Cost saved" follows SPEC §D2: cost = 2 · N_non-embedding · tokens summed over the stages a
 request ran; the always-top cost of a request that stopped early is estimated as the top
 stage's parameters times the prompt and answer tokens of the answer returned.
+
+A routing bundle's server also counts answers and cost by entry stage (``routing`` in
+``/stats``; the cost includes the router's embedding forward, also shown apart); a server
+without a router shows no such section.
 """
 
 from __future__ import annotations
@@ -22,8 +26,15 @@ QUANTILES = (0.5, 0.95, 0.99)
 class ServerStats:
     """Thread-safe counters (the engine thread and the event loop both write)."""
 
-    def __init__(self, num_stages: int, stage_names: list[str], window: int = 10_000) -> None:
+    def __init__(self, num_stages: int, stage_names: list[str], window: int = 10_000,
+                 routing: bool = False) -> None:
         self.num_stages, self.stage_names = num_stages, stage_names
+        self.routing = routing
+        # entry stage -> answers, FLOPs (embedding included), embedding FLOPs, stops per stage
+        self.entries = [0] * num_stages
+        self.entry_cost = [0.0] * num_stages
+        self.entry_embed = [0.0] * num_stages
+        self.entry_stops = [[0] * num_stages for _ in range(num_stages)]
         self.lock = threading.Lock()
         self.responses: Counter[tuple[str, int]] = Counter()  # (endpoint, status) -> n
         self.stops = [0] * num_stages
@@ -45,8 +56,15 @@ class ServerStats:
             self.responses[(endpoint, status)] += 1
 
     def completed(self, stage: int, latency_s: float, cost: float, top_cost: float,
-                  tokens: int) -> None:
+                  tokens: int, entry: int | None = None, embed_flops: float = 0.0) -> None:
+        """One answer returned by ``stage``; ``entry`` is where a routed request entered
+        (``cost`` includes its ``embed_flops``)."""
         with self.lock:
+            if entry is not None:
+                self.entries[entry] += 1
+                self.entry_cost[entry] += cost
+                self.entry_embed[entry] += embed_flops
+                self.entry_stops[entry][stage] += 1
             self.stops[stage] += 1
             self.latency_s.append(latency_s)
             self.latency_sum += latency_s
@@ -86,6 +104,14 @@ class ServerStats:
                 by_endpoint.setdefault(ep, {})[str(code)] = n
             ok = sum(n for (_, code), n in self.responses.items() if code == 200)
             saved = (1 - self.cost_flops / self.top_cost_flops) if self.top_cost_flops else None
+            routing = {"routing": {"entry_stage": {str(k): {
+                "answers": self.entries[k], "cost_flops": self.entry_cost[k],
+                "embedding_flops": self.entry_embed[k],
+                "mean_cost_flops": (self.entry_cost[k] / self.entries[k]
+                                    if self.entries[k] else None),
+                "stops_per_stage": list(self.entry_stops[k])}
+                for k in range(self.num_stages)},
+                "embedding_flops": sum(self.entry_embed)}} if self.routing else {}
             return {
                 "requests": {"total": sum(self.responses.values()), "ok": ok,
                              "errors": sum(self.responses.values()) - ok,
@@ -107,6 +133,7 @@ class ServerStats:
                                                          / self.batches[k]),
                                            "joined_running_batch": self.joins[k]}
                                   for k in sorted(self.batches)},
+                **routing,
             }
 
     def prometheus(self) -> str:
@@ -142,6 +169,19 @@ class ServerStats:
                [*q, ("_count", float(ttft.size))])
         metric("toolkit_cost_flops_total", "counter", "FLOPs spent over all stages run",
                [("", s["cost"]["flops"])])
+        if self.routing:
+            entry = s["routing"]["entry_stage"]
+            metric("toolkit_cascade_entries_total", "counter",
+                   "Answered requests by the stage the router sent them to first",
+                   [(f'{{stage="{k}",model="{m}"}}', entry[str(k)]["answers"])
+                    for k, m in enumerate(self.stage_names)])
+            metric("toolkit_cascade_entry_cost_flops_total", "counter",
+                   "FLOPs spent (embedding forward included) by entry stage",
+                   [(f'{{stage="{k}",model="{m}"}}', entry[str(k)]["cost_flops"])
+                    for k, m in enumerate(self.stage_names)])
+            metric("toolkit_router_embedding_flops_total", "counter",
+                   "FLOPs of the router's prompt-embedding forwards",
+                   [("", s["routing"]["embedding_flops"])])
         metric("toolkit_always_top_cost_flops_total", "counter",
                "Estimated FLOPs had every request gone to the top stage",
                [("", s["cost"]["always_top_flops_estimate"])])
