@@ -298,6 +298,7 @@ def test_decode_callback_restores_mode_and_shards_whole_batches():
     from types import SimpleNamespace
 
     from toolkit.dllm.callbacks import DiffusionDecodeCallback
+    from toolkit.dllm.shards import rank_batches
     from toolkit.dllm.train_module import DiffusionTaskDataModule
 
     dm = DiffusionTaskDataModule(train_sizes={"spell_backward": 4, "chain_sum": 4}, val_size=3)
@@ -316,10 +317,11 @@ def test_decode_callback_restores_mode_and_shards_whole_batches():
         assert key in logged
     assert logged["val/decode_problems"] == 6
     # Ranks take whole batches (one family each, as one process cuts them), round robin.
-    batches = cb._batches(cb._problems(trainer))
-    assert [[p.id for p in b] for b in batches] == [
-        ["spell_backward/val/00000", "spell_backward/val/00001"], ["spell_backward/val/00002"],
-        ["chain_sum/val/00000", "chain_sum/val/00001"], ["chain_sum/val/00002"]]
+    problems = cb._problems(trainer)
+    ids = [[[p.id for p in b] for b in rank_batches(problems, 2, r, 2)] for r in (0, 1)]
+    assert ids == [[["spell_backward/val/00000", "spell_backward/val/00001"],
+                    ["chain_sum/val/00000", "chain_sum/val/00001"]],
+                   [["spell_backward/val/00002"], ["chain_sum/val/00002"]]]
 
 
 # A timing or a wall-clock rate is the only thing allowed to differ between the two runs.

@@ -5,13 +5,10 @@ model trains: accuracy and NFE of both decoders on the same K held-out problems 
 It runs inside the Trainer's own processes (no Fabric, no subprocesses: the Trainer may itself
 be running under a launcher), with the model in eval mode, and restores the mode it found.
 
-Across processes (DDP) every rank decodes a shard and the rows are gathered on every rank
-with :func:`toolkit.evaluation.results.gather_rows` (``torch.distributed.all_gather_object``,
-as ``cli.py test`` gathers its rows), so the metrics equal one process's. The shard unit is a
-decode *batch*, not a problem: the problems are cut into the batches one process would decode
-(per family, ``batch_size`` at a time) and rank r takes batches r, r + W, ...; a batch's
-results may depend on its composition (left padding, a shared forward), so sharding whole
-batches keeps every row what it is in one process. Each rank then computes the same metrics
+Across processes (DDP) every rank decodes a shard of whole decode batches and the rows are
+gathered on every rank (:mod:`toolkit.dllm.shards`: ``torch.distributed.all_gather_object``,
+as ``cli.py test`` gathers its rows), so every rank holds one process's rows, sorted by
+policy and problem id. Each rank then computes the same metrics
 from the same sorted rows and logs them with ``sync_dist`` (the mean of equal values is that
 value), so they can be monitored like any logged metric; only ``val/decode_s`` differs per
 rank and is reduced with ``max`` (the slowest rank).
@@ -28,8 +25,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from toolkit.dllm.eval_module import decode_problems
 from toolkit.dllm.policies import make_policy
+from toolkit.dllm.shards import gather_sorted, rank_batches
 from toolkit.dllm.tasks_data import Problem, get_family
-from toolkit.evaluation.results import gather_rows
 
 
 class DiffusionDecodeCallback(Callback):
@@ -75,14 +72,6 @@ class DiffusionDecodeCallback(Callback):
             picked += [p for p in dm.split("val") if p.family == family][:self.k]
         return picked
 
-    def _batches(self, problems: list[Problem]) -> list[list[Problem]]:
-        """The decode batches one process would run: per family, ``batch_size`` at a time."""
-        out: list[list[Problem]] = []
-        for family in dict.fromkeys(p.family for p in problems):
-            mine = [p for p in problems if p.family == family]
-            out += [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
-        return out
-
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -90,7 +79,8 @@ class DiffusionDecodeCallback(Callback):
         if self.validations % self.every:
             return
         t0 = time.perf_counter()
-        shard = self._batches(self._problems(trainer))[trainer.global_rank::trainer.world_size]
+        shard = rank_batches(self._problems(trainer), self.batch_size, trainer.global_rank,
+                             trainer.world_size)
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -99,9 +89,7 @@ class DiffusionDecodeCallback(Callback):
                         for batch in shard for row in self._decode(pl_module, batch, policy)]
         finally:
             pl_module.train(was_training)
-        rows = gather_rows(rows)  # collective: every rank calls it, every rank gets all rows
-        merged = {(r["policy"], r["id"]): r for r in rows}
-        rows = [merged[k] for k in sorted(merged)]
+        rows = gather_sorted(rows, ("policy", "id"))  # collective: every rank calls it
         for name in self.policies:
             mine = [r for r in rows if r["policy"] == name]
             self._log(pl_module, f"val/acc_{name}", np.mean([r["correct"] for r in mine]))
