@@ -34,72 +34,30 @@ Results cross back to the asyncio loop with ``call_soon_threadsafe``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from toolkit.cascade.live import LiveCascade, StageStep, StageTrace
-from toolkit.cascade.live_routing import Route
-from toolkit.cascade.stopping import History, StoppingPolicy, prompt_key
-from toolkit.generation.base import GenerationOutput, GenerationRequest, Messages, call_cost
+from toolkit.cascade.live import LiveCascade, StageStep
+from toolkit.cascade.stopping import prompt_key
+from toolkit.generation.base import GenerationOutput, GenerationRequest, call_cost
+from toolkit.serving.jobs import (
+    Job,
+    JobResult,
+    Session,
+    generation_requests,
+    resolve_future,
+    sampling_key,
+)
 from toolkit.serving.outputs import cut_at_stop, streamable, token_logprobs
 from toolkit.serving.stats import ServerStats
 
+__all__ = ["CascadeEngine", "Job", "JobResult"]  # Job and JobResult live in jobs.py
+
 log = logging.getLogger("toolkit.serving")
-
-
-@dataclass
-class JobResult:
-    text: str
-    stopped_at_stage: int
-    stage_probabilities: list[float]
-    latency_ms: float
-    cost_flops: float
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (the model ended, or a stop string) | "length"
-    trace: list[dict[str, Any]]
-    logprobs: list[dict[str, Any]] | None = None
-    """Per-token entries (``outputs.token_logprobs``) when the request asked for them."""
-    route: dict[str, Any] | None = None
-    """``Route.to_dict()`` of a routed request (routing bundles), else None."""
-
-
-@dataclass
-class Job:
-    """One request travelling through the stages."""
-
-    prompt: str | Messages
-    max_tokens: int
-    temperature: float
-    top_p: float
-    loop: asyncio.AbstractEventLoop
-    done: asyncio.Future
-    events: asyncio.Queue | None = None
-    """Stream events ("delta", text) / ("end", JobResult) / ("error", message), or None."""
-    seed: int = 0
-    arrived: float = field(default_factory=time.perf_counter)
-    enqueued: float = 0.0
-    stage: int = 0
-    history: History = ()
-    traces: list[StageTrace] = field(default_factory=list)
-    cancelled: bool = False
-    sent_text: str = ""
-    first_token_s: float | None = None
-    policy: StoppingPolicy | None = None
-    """This request's side of the bundle's policy (``policy.for_key``), fixed at submit."""
-    stop: tuple[str, ...] = ()
-    """Stop strings: the returned text ends before the first one (``outputs.py``)."""
-    top_logprobs: int | None = None
-    """None: no log-probs; else return them with this many top alternatives per token."""
-    route: Route | None = None
-    """Where the router sent it (routing bundles); its cell is the policy group."""
-    group: str = ""
 
 
 class CascadeEngine:
@@ -261,7 +219,7 @@ class CascadeEngine:
     def _run(self, k: int, batch: list[Job]) -> None:
         decoding = replace(self.cascade.decoding, temperature=batch[0].temperature,
                            top_p=batch[0].top_p)
-        requests = _requests(batch)
+        requests = generation_requests(batch)
         self.stats.batch(k, len(batch))
         steps = self.cascade.run_stage(k, requests, [j.history for j in batch], decoding,
                                        self._step_hook(k, batch),
@@ -296,14 +254,15 @@ class CascadeEngine:
 
     # ------------------------------------------------------ join admission
     def _loop_join(self) -> None:
-        sessions: list[_Session] = []
+        sessions: list[Session] = []
         while True:
             self._route_arrivals()
             with self.cond:
                 self._drop_cancelled()
                 for k, q in enumerate(self.queues):
-                    if q and not any(s.stage == k and s.key == _key(q[0]) for s in sessions):
-                        sessions.append(self._open(k, _key(q[0])))
+                    if q and not any(s.stage == k and s.key == sampling_key(q[0])
+                                     for s in sessions):
+                        sessions.append(self._open(k, sampling_key(q[0])))
                 if not sessions:
                     if self.arrivals:
                         continue
@@ -326,38 +285,38 @@ class CascadeEngine:
                             self._fail(job, "internal error while generating (see the "
                                        "server log)")
 
-    def _open(self, k: int, key: tuple[float, float]) -> _Session:
+    def _open(self, k: int, key: tuple[float, float]) -> Session:
         """Start stage k's running batch for one sampling setting (call with ``cond`` held)."""
-        sess = _Session(k, key, [], set(), iter(()))
+        sess = Session(k, key, [], set(), iter(()))
         first = self._take(sess, self.max_batch)
         decoding = replace(self.cascade.decoding, temperature=key[0], top_p=key[1])
         sess.steps = self.cascade.backends[k].generate_steps(
-            _requests(first), decoding, batch_size=self.max_batch,
+            generation_requests(first), decoding, batch_size=self.max_batch,
             on_step=self._step_hook(k, sess.jobs), admit=lambda free: self._admit(sess, free))
         self.stats.batch(k, len(first))
         return sess
 
-    def _take(self, sess: _Session, free: int) -> list[Job]:
+    def _take(self, sess: Session, free: int) -> list[Job]:
         """Move up to ``free`` jobs of the session's setting from the head of its stage's
         queue into the session (first come, first served: a job with another setting at the
         head stops the intake until its own batch takes it). Call with ``cond`` held."""
         q, taken = self.queues[sess.stage], []
-        while q and len(taken) < free and _key(q[0]) == sess.key:
+        while q and len(taken) < free and sampling_key(q[0]) == sess.key:
             taken.append(q.popleft())
         self.stats.queue_depth -= len(taken)
         sess.jobs.extend(taken)
         return taken
 
-    def _admit(self, sess: _Session, free: int) -> list[GenerationRequest]:
+    def _admit(self, sess: Session, free: int) -> list[GenerationRequest]:
         """The decode loop asks for more work before each step: the queue's new arrivals."""
         with self.cond:
             self._drop_cancelled()
             taken = self._take(sess, free)
         if taken:
             self.stats.joined(sess.stage, len(taken))
-        return _requests(taken)
+        return generation_requests(taken)
 
-    def _settle(self, sess: _Session, finished: list[tuple[int, GenerationOutput]]) -> None:
+    def _settle(self, sess: Session, finished: list[tuple[int, GenerationOutput]]) -> None:
         """Score the answers that finished this step and route each job on."""
         live = []
         for i, out in finished:
@@ -448,41 +407,11 @@ class CascadeEngine:
             if result.text.startswith(job.sent_text):
                 self._send_delta(job, result.text[len(job.sent_text):])
             job.loop.call_soon_threadsafe(job.events.put_nowait, ("end", result))
-        job.loop.call_soon_threadsafe(_resolve, job.done, result, None)
+        job.loop.call_soon_threadsafe(resolve_future, job.done, result, None)
 
     def _fail(self, job: Job, message: str) -> None:
         with self.cond:
             self.stats.in_flight -= 1
         if job.events is not None:
             job.loop.call_soon_threadsafe(job.events.put_nowait, ("error", message))
-        job.loop.call_soon_threadsafe(_resolve, job.done, None, RuntimeError(message))
-
-
-@dataclass
-class _Session:
-    """One stage's running batch under join admission."""
-
-    stage: int
-    key: tuple[float, float]
-    """(temperature, top_p): one decode loop samples with one setting."""
-    jobs: list[Job]
-    """Jobs in the order the decode loop numbers them (the first batch, then joiners)."""
-    settled: set[int]
-    steps: Iterator[list[tuple[int, GenerationOutput]]]
-
-
-def _key(job: Job) -> tuple[float, float]:
-    return job.temperature, job.top_p
-
-
-def _requests(jobs: list[Job]) -> list[GenerationRequest]:
-    return [GenerationRequest(j.prompt, seed=j.seed, max_new_tokens=j.max_tokens) for j in jobs]
-
-
-def _resolve(fut: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if fut.done():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(result)
+        job.loop.call_soon_threadsafe(resolve_future, job.done, None, RuntimeError(message))
