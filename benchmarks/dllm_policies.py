@@ -23,13 +23,21 @@ reference. Reports accuracy against tokens per forward (TPF = Σ answer tokens /
 policy's accuracy under parallelism (AUP, ``toolkit/dllm/curve.py``), the Pareto front over all
 points, and wall time against llada at each batch size; writes ``sweep.json`` and
 ``accuracy_vs_tpf.png`` to ``runs/bench/dllm_policies/<UTC stamp>/``.
+
+    python benchmarks/dllm_policies.py --devices 2 [--accelerator cpu] ...
+
+Over several devices: Lightning Fabric launches one process per device (strategy ddp); each
+decodes its share of every family's decode batches (whole batches, round robin:
+``toolkit/dllm/shards.py``, as the fit-time decode callback does) and the rows are gathered
+and sorted by id on every rank, so accuracy, NFE and TPF equal one process's. Rank 0 prints
+and writes. Wall times are then summed over the ranks' rows: device-seconds of decoding,
+comparable between policies of one run, not elapsed time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import torch
@@ -38,6 +46,7 @@ from toolkit.common.paths import run_folder
 from toolkit.dllm.curve import accuracy_under_parallelism, pareto_front
 from toolkit.dllm.eval_module import decode_problems
 from toolkit.dllm.policies import make_policy
+from toolkit.dllm.shards import gather_sorted, rank_batches
 from toolkit.dllm.tasks_data import get_family, make_problems
 from toolkit.dllm.train_module import load_diffusion_checkpoint_with_meta
 
@@ -83,19 +92,27 @@ def _policy(kind: str, kw: dict, gen: int):
     return make_policy(kind, **args)
 
 
-def _run_point(model, tok, problems: dict, kind: str, kw: dict, batch: int) -> dict:
+def _decode_shard(model, tok, probs: list, policy, gen: int, batch: int,
+                  shard: tuple[int, int]) -> list[dict]:
+    """This rank's whole batches of ``probs`` (one family), decoded; every rank's rows sorted
+    by id (a collective when ``shard`` = (rank, world) has world > 1). A row's ``wall_s`` is
+    its decode call's wall time shared equally by the call's rows, so a sum over rows is the
+    decode time of every batch."""
+    with torch.inference_mode():
+        rows = [r for b in rank_batches(probs, batch, *shard)
+                for r in decode_problems(model, tok, b, policy, gen, batch_size=len(b))]
+    return gather_sorted(rows)
+
+
+def _run_point(model, tok, problems: dict, kind: str, kw: dict, batch: int,
+               shard: tuple[int, int] = (0, 1)) -> dict:
     """Decode every family's problems with one policy setting; pooled statistics."""
     rows = []
     for gen, probs in problems.values():
         policy = _policy(kind, kw, gen)
         with torch.inference_mode():
             decode_problems(model, tok, probs[:batch], policy, gen, batch_size=batch)  # warm-up
-            t0 = time.perf_counter()
-            fam_rows = decode_problems(model, tok, probs, policy, gen, batch_size=batch)
-            wall = time.perf_counter() - t0
-        for r in fam_rows:
-            r["wall_s"] = wall / len(fam_rows)
-        rows += fam_rows
+        rows += _decode_shard(model, tok, probs, policy, gen, batch, shard)
     return {"accuracy": 100.0 * float(np.mean([r["correct"] for r in rows])),
             "tpf": float(np.sum([r["answer_tokens"] for r in rows]))
             / float(np.sum([r["nfe"] for r in rows])),
@@ -117,7 +134,7 @@ def sweep(a: argparse.Namespace, model, tok, meta: dict) -> None:
     for name, label, kind, kw in grid:
         point = {"policy": name, "knob": label, "args": kw}
         for batch in a.batches:
-            res = _run_point(model, tok, problems, kind, kw, batch)
+            res = _run_point(model, tok, problems, kind, kw, batch, a.shard)
             point[f"b{batch}"] = res
         first = point[f"b{a.batches[0]}"]
         # Greedy decoding of a row does not depend on its batch (tests/dllm/test_dllm_decoding.py):
@@ -126,10 +143,13 @@ def sweep(a: argparse.Namespace, model, tok, meta: dict) -> None:
             sum(x != y for x, y in zip(first["correct"], point[f"b{b}"]["correct"]))
             for b in a.batches[1:])
         points.append(point)
+        if a.shard[0]:
+            continue  # rank 0 prints and reports
         print(f"{name:9} {label:22} acc {first['accuracy']:5.1f}%  TPF {first['tpf']:5.2f}  "
               + "  ".join(f"wall b{b} {point[f'b{b}']['wall_s']:6.1f}s" for b in a.batches),
               flush=True)
-    report(a, points)
+    if a.shard[0] == 0:
+        report(a, points)
 
 
 def report(a: argparse.Namespace, points: list[dict]) -> None:
@@ -211,9 +231,20 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="sweep each policy's knob instead")
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 8],
                     help="batch sizes of the sweep")
+    ap.add_argument("--devices", type=int, default=1, help="processes (Lightning Fabric, "
+                    "strategy ddp) that share the problems; rows gathered on every rank")
+    ap.add_argument("--accelerator", default="cpu", help="Fabric accelerator with --devices")
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
     model, tok, meta = load_diffusion_checkpoint_with_meta(a.ckpt)
+    a.shard = (0, 1)
+    if a.devices > 1:
+        from lightning.fabric import Fabric
+
+        fabric = Fabric(accelerator=a.accelerator, devices=a.devices, strategy="ddp")
+        fabric.launch()  # re-runs this script once per further device
+        a.shard = (fabric.global_rank, fabric.world_size)
+        model = model.to(fabric.device)
+    torch.set_num_threads(a.threads)
     model.eval()
     if a.sweep:
         sweep(a, model, tok, meta)
@@ -233,9 +264,11 @@ def main() -> None:
             policy = make_policy(kind, **args)
             with torch.inference_mode():
                 decode_problems(model, tok, probs[:1], policy, gen)  # warm-up, not timed
-                rows[name] += decode_problems(model, tok, probs, policy, gen)
+            rows[name] += _decode_shard(model, tok, probs, policy, gen, 1, a.shard)
+    if a.shard[0]:
+        return  # rank 0 prints and writes
     print(f"checkpoint {a.ckpt}; {a.n} held-out problems x {len(a.families)} families, batch 1, "
-          f"greedy, threads {torch.get_num_threads()}")
+          f"greedy, threads {torch.get_num_threads()}, processes {a.shard[1]}")
     print(f"{'policy':24} {'acc':>6} {'NFE':>7} {'bound':>6} {'wall s':>8} {'tok/s':>8}")
     summary = {name: _summary(rs) for name, rs in rows.items()}
     for name, s in summary.items():
@@ -277,7 +310,8 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"ckpt": a.ckpt, "n": a.n, "threads": torch.get_num_threads(),
-                       "summary": summary, "per_family": per_family}, fh, indent=1)
+                       "processes": a.shard[1], "summary": summary,
+                       "per_family": per_family}, fh, indent=1)
 
 
 if __name__ == "__main__":
