@@ -6,7 +6,7 @@ adapt to only when one answer mixes spans a model is sure of (copies, templates)
 must compute. These families write every step of the work out, so an answer is 64–255
 characters (the toolkit's dLLM tokenizer is :class:`~toolkit.dllm.tasks_data.CharTokenizer`:
 one character is one token) and spans 3–7 blocks of 32. By construction (the generators'
-bounds) worked_sum answers are 69–151 characters, echo_sort 67–210, string_ops 76–203;
+bounds) worked_sum answers are 69–131 characters, echo_sort 67–210 at most, string_ops 76–203;
 ``gen`` below is the generation length, answer + at least one EOS:
 
 ============ ============================================ ========================= ======
