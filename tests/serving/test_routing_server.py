@@ -80,6 +80,22 @@ def offline_routes(bundle_dir, prompts):
     return entry, cells.tolist(), R, flops
 
 
+def live_run(bundle_dir, stages, prompts, max_new_tokens=4):
+    """The offline live cascade with the bundle's router (the server's stage settings)."""
+    from dataclasses import replace
+
+    from toolkit.cascade.live import LiveCascade
+    from toolkit.cascade.live_routing import load_prompt_router
+    from toolkit.generation.hf_backend import TransformersBackend
+    from toolkit.serving.bundle import load_bundle
+
+    b = load_bundle(bundle_dir)
+    router = load_prompt_router(b.meta["router"], b.router, b.decoding)
+    backends = [TransformersBackend(s, dtype="float64") for s in stages]
+    decoding = replace(b.decoding, max_new_tokens=max_new_tokens)
+    return b, LiveCascade(backends, b.predictor, b.policy, decoding, router=router).run(prompts)
+
+
 def test_build_refuses_a_missing_or_stale_sidecar_in_one_line(routed):
     tmp, _, stages, refused = routed
     for case, fix in (("missing", f"python cli.py embed --data_dir {tmp / 'rec'} --model "
@@ -90,7 +106,7 @@ def test_build_refuses_a_missing_or_stale_sidecar_in_one_line(routed):
 
 
 def test_served_route_is_the_offline_route_and_stats_count_it(routed):
-    tmp, cfg, _, _ = routed
+    tmp, cfg, stages, _ = routed
     meta = json.loads((tmp / "rbundle" / "bundle.json").read_text())
     assert meta["version"] == 2 and meta["router"]["embedding"]["slug"] == "small"
     assert meta["calibration"]["entries_per_stage"][1] > 0  # some prompts skip stage 0
@@ -107,15 +123,17 @@ def test_served_route_is_the_offline_route_and_stats_count_it(routed):
         metrics = get(srv.url + "/metrics", headers=AUTH).text
     finally:
         srv.stop()
-    for c, e, cell, r, f in zip(got, entry, cells, R, flops):
+    _, live = live_run(tmp / "rbundle", stages, prompts)
+    for c, e, cell, r, f, lv in zip(got, entry, cells, R, flops, live):
         route = c["route"]
         assert (route["entry_stage"], route["cell"]) == (e, cell)
         assert np.allclose(route["router_probabilities"], r, atol=1e-6)
         assert route["embedding_flops"] == pytest.approx(f)
-        # The cascade starts at the entry stage: one p per stage run from there on.
-        assert c["stopped_at_stage"] >= e
-        assert len(c["stage_probabilities"]) <= c["stopped_at_stage"] - e + 1
-        assert c["cost_flops"] > f
+        # The same stages ran as in the offline live cascade, at the same cost (the
+        # embedding forward included: LiveCascade's cost is its traces' + the embedding's).
+        assert c["stopped_at_stage"] == lv.stopped_at_stage >= e
+        assert c["stage_probabilities"] == pytest.approx(lv.stage_probabilities)
+        assert c["cost_flops"] == pytest.approx(lv.cost_flops)
     assert gen["route"]["entry_stage"] == offline_routes(tmp / "rbundle", [LONG[7]])[0][0]
     by_entry = stats["routing"]["entry_stage"]
     answered = [c["route"]["entry_stage"] for c in got] + [gen["route"]["entry_stage"]]
@@ -151,3 +169,30 @@ def test_another_embedding_model_is_refused_at_start_in_one_line(routed, tmp_pat
         cli.main(["serve", "--config", str(other)])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "sha256 ffffffffffff" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("method", ["cascade-routing", "route-only"])
+def test_live_cascade_enters_where_the_router_says(routed, method, tmp_path):
+    """The offline live cascade routes with the same code: each prompt's first stage run is
+    its offline entry stage, its cost includes the embedding forward, and a route-only bundle
+    answers with the entry stage."""
+    from toolkit import cli
+
+    tmp, cfg, stages, _ = routed
+    folder = tmp / "rbundle"
+    if method == "route-only":
+        folder = tmp_path / "route-only"
+        cfg = write_config(tmp_path / "ro.yaml", folder, stages, build={
+            "records": str(tmp / "rec"), "train_steps": 100, "lam": 2.5,
+            "routing": {**ROUTING, "method": method}})
+        cli.main(["serve", "--config", str(cfg), "--build_bundle", "true"])
+    prompts = SHORT[:3] + LONG[:3]
+    b, out = live_run(folder, stages, prompts)
+    assert b.meta["router"]["method"] == method
+    entry, cells, _, flops = offline_routes(folder, prompts)
+    assert set(entry) == {0, 1}
+    for r, e, c, f in zip(out, entry, cells, flops):
+        assert (r.route.entry_stage, r.route.cell, r.trace[0].stage) == (e, c, e)
+        assert r.cost_flops == pytest.approx(sum(t.cost_flops for t in r.trace) + f)
+        if method == "route-only":
+            assert r.stopped_at_stage == e and len(r.trace) == 1
