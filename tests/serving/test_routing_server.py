@@ -105,8 +105,11 @@ def test_build_refuses_a_missing_or_stale_sidecar_in_one_line(routed):
         assert code == 2 and fix in err and len(err.splitlines()) == 1, (case, err)
 
 
-def test_served_route_is_the_offline_route_and_stats_count_it(routed):
+@pytest.mark.parametrize("admission", ["join", "batch"])
+def test_served_route_is_the_offline_route_and_stats_count_it(routed, admission, tmp_path):
     tmp, cfg, stages, _ = routed
+    if admission == "batch":
+        cfg = write_config(tmp_path / "batch.yaml", tmp / "rbundle", stages, admission="batch")
     meta = json.loads((tmp / "rbundle" / "bundle.json").read_text())
     assert meta["version"] == 2 and meta["router"]["embedding"]["slug"] == "small"
     assert meta["calibration"]["entries_per_stage"][1] > 0  # some prompts skip stage 0
