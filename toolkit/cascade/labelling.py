@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toolkit.common.errors import UserError
 from toolkit.common.io import JsonlAppender, atomic_write_json, atomic_write_text
 from toolkit.common.splits import split_of
 from toolkit.generation.base import DecodingConfig, GenerationRequest, call_cost
@@ -47,7 +48,7 @@ class TaskSpec:
     """A benchmark task and its options (passed to toolkit.tasks.build_task)."""
 
     name: str
-    """humaneval | gsm_symbolic | local | a path to .jsonl/.json/.parquet."""
+    """humaneval | gsm_symbolic | reasoning_gym | local | a path to .jsonl/.json/.parquet."""
     options: dict[str, Any] = field(default_factory=dict)
     """Task options, e.g. {size: 200, seed: 42} for gsm_symbolic."""
 
@@ -133,8 +134,13 @@ def label(stages: list[StageSpec], tasks: list[TaskSpec],
 
     top = len(stages) - 1
     report: dict[str, Any] = {"tasks": {}}
-    jobs = [_TaskJob(build_task(t.name, **t.options), t, stages, slugs, decoding, root, limit)
-            for t in tasks]
+    built = [build_task(t.name, **t.options) for t in tasks]
+    names = [b.name for b in built]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # one folder, two fingerprints: the records would mix and resuming would refuse
+        raise UserError(f"label: two tasks write to {root / twice[0]}/; give one of them "
+                        "another name (reasoning_gym: the task_name option)")
+    jobs = [_TaskJob(b, t, stages, slugs, decoding, root, limit) for b, t in zip(built, tasks)]
     todo = sum(j.todo() for j in jobs)
     bar = tqdm(total=todo, desc="label", unit="rec", file=sys.stderr)
     # Chunks of the tasks take turns, so a run stopped early still covers every task.

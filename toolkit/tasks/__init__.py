@@ -1,7 +1,8 @@
 """Benchmark tasks: prompts plus ground-truth scorers (see base.py).
 
 ``build_task("humaneval", limit=20)``, ``build_task("gsm_symbolic", seed=42, size=200)``,
-``build_task("local", path="data/x.jsonl")`` or simply ``build_task("data/x.jsonl")``.
+``build_task("reasoning_gym", dataset="leg_counting", seed=7, size=200)`` (any reasoning-gym
+family), ``build_task("local", path="data/x.jsonl")`` or simply ``build_task("data/x.jsonl")``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from toolkit.tasks.base import Example, SkippedRow, Task, TaskError
 _REGISTRY: dict[str, tuple[str, str]] = {
     "humaneval": ("toolkit.tasks.humaneval", "HumanEvalTask"),
     "gsm_symbolic": ("toolkit.tasks.gsm_symbolic", "GsmSymbolicTask"),
+    "reasoning_gym": ("toolkit.tasks.reasoning_gym_task", "ReasoningGymTask"),
     "local": ("toolkit.tasks.local", "LocalTask"),
 }
 TASKS = tuple(_REGISTRY)
@@ -30,7 +32,7 @@ def build_task(name: str, **options: Any) -> Task:
     path or, failing that, a Hugging Face dataset id (which needs the hub).
 
     Args:
-        name: "humaneval", "gsm_symbolic", "local", or a data file path.
+        name: "humaneval", "gsm_symbolic", "reasoning_gym", "local", or a data file path.
         **options: the task's own arguments (e.g. ``limit``, ``seed``, ``prompt_field``).
 
     Raises:
