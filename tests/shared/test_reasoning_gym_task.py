@@ -118,6 +118,9 @@ def test_generic_adapter_on_gsm_symbolic_matches_the_gsm_task():
     assert [e.id for e in gsm] == [e.id for e in generic] == [f"gsm_symbolic/42/{i}"
                                                               for i in range(5)]
     assert [e.prompt.replace("<number>", "<answer>") for e in gsm] == [e.prompt for e in generic]
+    renamed = build_task("gsm_symbolic", seed=5000, size=2, task_name="gsm_symbolic_s5000")
+    assert renamed.name == "gsm_symbolic_s5000"
+    assert renamed.examples()[1].id == "gsm_symbolic/5000/1"
 
 
 def test_repeated_questions_are_skipped():

@@ -23,13 +23,16 @@ class GsmSymbolicTask(ReasoningGymTask):
         seed: generator seed; part of every example id.
         size: problems generated.
         limit: keep the first N of them (None or 0: all).
+        task_name: output folder and records' ``task`` (default "gsm_symbolic"); a second seed
+            labelled beside the first needs its own, e.g. "gsm_symbolic_s5000".
     """
 
     name = "gsm_symbolic"
     instruction = INSTRUCTION
 
-    def __init__(self, seed: int = 42, size: int = 200, limit: int | None = None) -> None:
-        super().__init__("gsm_symbolic", seed=seed, size=size, limit=limit)
+    def __init__(self, seed: int = 42, size: int = 200, limit: int | None = None,
+                 task_name: str | None = None) -> None:
+        super().__init__("gsm_symbolic", seed=seed, size=size, limit=limit, task_name=task_name)
 
 
 __all__ = ["GsmSymbolicTask", "INSTRUCTION", "answers_match", "extract_answer"]
