@@ -237,7 +237,8 @@ def compare_admission(config: str, prompts: list[str], args: argparse.Namespace)
 
     out: dict = {}
     for mode in ("batch", "join"):
-        proc, url, _ = start_server(config, args.threads, "--admission", mode)
+        extra = ("--max_batch", str(args.max_batch)) if args.max_batch else ()
+        proc, url, _ = start_server(config, args.threads, "--admission", mode, *extra)
         try:
             httpx.post(url + "/generate", json={"prompt": prompts[0], "max_tokens": 4},
                        timeout=300)  # warm-up
@@ -288,6 +289,9 @@ def main() -> None:
                     help="with --compare_admission: the tests' tiny bundle, not --config")
     ap.add_argument("--length_spread", action="store_true",
                     help="with --compare_admission: spread max_tokens over [1/8, 1] of it")
+    ap.add_argument("--max_batch", type=int, default=None,
+                    help="with --compare_admission: the server's max_batch (default: the "
+                         "config's); with max_batch < clients half the requests always queue")
     args = ap.parse_args()
     import httpx
     import yaml
@@ -368,7 +372,7 @@ def run_comparison(args: argparse.Namespace) -> None:
     result = {"command": " ".join(sys.argv), "workload": {
         "bundle": "tiny (tests/serving/test_serve.py)" if args.tiny else args.config,
         "requests": len(prompts), "clients": args.clients, "max_tokens": args.max_tokens,
-        "length_spread": args.length_spread,
+        "length_spread": args.length_spread, "max_batch": args.max_batch,
         "greedy": True, "threads": args.threads}, **result,
         "total_wall_s": time.perf_counter() - t_start}
     out = run_folder("bench", "serve_admission")
