@@ -484,8 +484,13 @@ def test_requests_joining_a_running_batch_answer_as_alone(bundle, server, tmp_pa
         batches = get(srv.url + "/stats", headers=AUTH).json()["micro_batches"]
         return sum(b["joined_running_batch"] for b in batches.values())
 
+    # Whether an arrival finds a batch still decoding depends on the machine's speed: retry
+    # (answers checked every time) until one joins, a few times at most.
     before = joined(server)
-    assert crowd(server) == solo
+    for _ in range(4):
+        assert crowd(server) == solo
+        if joined(server) > before:
+            break
     assert joined(server) > before
     tmp, _, stages = bundle
     srv = Server(write_config(tmp_path / "batch.yaml", tmp / "bundle", stages,
