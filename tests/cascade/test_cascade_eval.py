@@ -195,3 +195,24 @@ def test_routed_method_through_cli_charges_the_router_and_records_the_goal(table
     assert set(b["methods"]) == {"cascade", "threshold", "random", "route-only"}
     assert b["focus"] == "route-only" and set(b["focus_minus"]) == {"cascade", "threshold",
                                                                      "random"}
+
+
+def test_leave_one_family_out_never_trains_on_the_held_out_family(table):
+    """Outer folds are families; a held-out family's scores equal those of a predictor trained
+    directly on the other families' prompts (a naive re-fit), and the nested calibration
+    folds are by prompt inside the training families."""
+    assert replay.family_of("gsm_symbolic_s3000") == "gsm_symbolic"
+    assert replay.family_of("letter_counting") == "letter_counting"
+    cv = replay.cv_scores(table, folds=5, seed=0, steps=20, by_family=True)
+    fam = np.array([replay.family_of(x) for x in table.tasks])
+    assert cv.families == sorted(set(fam)) and len(cv.families) >= 2
+    for k, f in enumerate(cv.families):
+        held = fam == f
+        assert (cv.fold[held] == k).all() and (cv.fold[~held] != k).all()
+        model = replay.fit_predictor(table, ~held, seed=0, steps=20)
+        from toolkit.cascade.predictor_module import predict_correct
+
+        assert np.allclose(cv.P_test[held], predict_correct(model, table.features[held]))
+        # Calibration scores cover the training prompts only, from inner folds by prompt id.
+        assert len(cv.P_cal[k]) == int((~held).sum())
+    assert len(set(cv.inner.tolist())) == 5

@@ -39,10 +39,13 @@ def test_fit_writes_checkpoint_onnx_tensorboard(fit_run, runs_root):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "val/loss", "val/auroc", "val/ece", "val/cascade_accuracy",
-                "val/cascade_relative_cost", "export/latency_p50_us"):
+                "val/cascade_relative_cost", "export/latency_p50_us", "val/router_auroc",
+                "val/cascade_routing_accuracy", "val/cascade_routing_relative_cost"):
         assert tag in tags, f"{tag} not logged; have {sorted(tags)}"
     ckpt = torch.load(next(p for p in ckpts if "best" in p.name), weights_only=True)
     assert ckpt["feature_schema"]["name"] == "topk"
+    spec = ckpt["prompt_embedding"]  # the router heads' embedding model, pinned by sha256
+    assert spec["slug"] == "smollm2-135m-instruct" and len(spec["sha256"]) == 64
     # last.ckpt is the final state (epoch 2 of 3), whichever epoch was best: staged training
     # restarts from it.
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -55,12 +58,21 @@ def test_onnx_runtime_refuses_wrong_schema_and_bad_files(fit_run, tmp_path):
 
     onnx_path = fit_run / "checkpoints" / "predictor.onnx"
     rt = OnnxQualityPredictor(onnx_path)
-    probs = rt.predict(np.zeros((3, rt.schema.dim), np.float32), schema=build_schema("topk"))
+    assert rt.reads_prompt and rt.embedding["slug"] == "smollm2-135m-instruct"
+    emb = np.zeros((3, rt.embedding_dim), np.float32)
+    probs = rt.predict(np.zeros((3, rt.schema.dim), np.float32), schema=build_schema("topk"),
+                       embedding=emb)
     assert probs.shape == (3, 2) and ((probs >= 0) & (probs <= 1)).all()
+    route = rt.route(emb)
+    assert route.shape == (3, 3) and ((route >= 0) & (route <= 1)).all()
+    with pytest.raises(ValueError, match="reads the prompt embedding"):
+        rt.predict(np.zeros((1, rt.schema.dim), np.float32))
+    with pytest.raises(ValueError, match=f"expected {rt.embedding_dim} prompt embedding"):
+        rt.route(np.zeros((1, 7), np.float32))
     with pytest.raises(FeatureSchemaError, match="feature schema mismatch"):
         rt.predict(np.zeros((1, rt.schema.dim), np.float32), schema=build_schema("full"))
     with pytest.raises(ValueError, match="NaN"):
-        rt.predict(np.full((1, rt.schema.dim), np.nan, np.float32))
+        rt.predict(np.full((1, rt.schema.dim), np.nan, np.float32), embedding=emb[:1])
     truncated = tmp_path / "cut.onnx"
     truncated.write_bytes(onnx_path.read_bytes()[:200])
     with pytest.raises(PredictorFileError, match="not a valid ONNX predictor"):

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
-from toolkit.cascade import replay, route_replay
+from toolkit.cascade import replay, route_replay, routing
 from toolkit.cascade.features import CascadeInputError
-from toolkit.cascade.prompt_table import PromptTable, count_prompts, load_prompt_table
+from toolkit.cascade.prompt_table import count_prompts, load_prompt_table
 from toolkit.evaluation.harness import EvaluationModule, pyplot
 from toolkit.evaluation.results import RunReport, metric, paired_difference
 
@@ -68,12 +68,19 @@ class CascadeReplayEval(EvaluationModule):
         seed: seed of predictor training and of ``random``.
         random_seeds: seeds averaged for ``random``.
         router: the router whose predictions put prompts in cells for route-only and
-            cascade-routing (logistic, knn, mf).
+            cascade-routing: ``predictor`` (the predictor module's router heads; its
+            post-draft heads then read the prompt embedding too, as ``fit`` trains it), or a
+            peer on the embeddings: logistic, knn, mf.
         router_model: slug of the model whose prompt embeddings the routers read (the
             sidecar ``<data_dir>/prompt_embeddings/<slug>.npz``, ``python cli.py embed``).
         router_stages: stages whose predicted correctness defines a prompt's cell.
         router_bins: quantile bins of each of those predictions.
         peers: the learned methods compared at every budget, beside the run's own.
+        leave_family_out: cross-validate by task family instead of by prompt: each family's
+            prompts are decided by a predictor, router and policy fitted on the other families
+            only (calibration folds inside those stay by prompt), and results.json gets
+            ``leave_family_out``: per held-out family, the run's method against ``random``
+            escalation at the same mean cost on that family, paired (at λ and each budget).
     """
 
     def __init__(self, method: str = "cascade", data_dir: str = "data/cascade", lam: float = 1.0,
@@ -84,7 +91,7 @@ class CascadeReplayEval(EvaluationModule):
                  random_seeds: int = 3, router: str = "logistic",
                  router_model: str = "smollm2-135m-instruct",
                  router_stages: list[int] | None = None, router_bins: int = 2,
-                 peers: list[str] | None = None) -> None:
+                 peers: list[str] | None = None, leave_family_out: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.sweep = sweep or [0.1, 0.2, 0.5, 1, 2, 3, 4, 5, 6, 7, 8, 10, 15, 20, 50]
@@ -100,6 +107,9 @@ class CascadeReplayEval(EvaluationModule):
             raise CascadeInputError(f"lam must be > 0, got {hp.lam}")
         if self.budgets and min(self.budgets) <= 0:
             raise CascadeInputError(f"budgets must be > 0, got {self.budgets}")
+        if hp.router not in ("predictor", *routing.ROUTERS):
+            raise CascadeInputError(f"unknown router {hp.router!r}; choose from "
+                                    f"{('predictor', *routing.ROUTERS)}")
         bad = [p for p in self.peers if p not in LEARNED]
         if bad:
             raise CascadeInputError(f"peers must be learned methods {LEARNED}, got {bad}")
@@ -119,7 +129,8 @@ class CascadeReplayEval(EvaluationModule):
         self.curves: dict[str, list[dict[str, float]]] = {}
         if hp.method in ("random", *LEARNED):
             self.cv = replay.cv_scores(t, hp.folds, hp.seed,
-                                       progress=self.trainer.is_global_zero)
+                                       progress=self.trainer.is_global_zero,
+                                       by_family=hp.leave_family_out)
             cv = replay.cross_validated(t, self.cv, hp.lam, hp.n_bins, prior)
             self.decisions["cascade"] = (cv["cascade_stage"], cv["cascade_cost"],
                                          cv["cascade_latency"])
@@ -142,7 +153,30 @@ class CascadeReplayEval(EvaluationModule):
         stage = self.random_runs[0]
         self.decisions["random"] = (stage, replay.paid(t.cost, stage),
                                     replay.paid(t.wall_s, stage))
+        if hp.leave_family_out and hp.method in LEARNED:
+            self.extra.setdefault("leave_family_out", {})["at_lambda"] = \
+                self._families_vs_random(*self.decisions[hp.method][:2])
         self.fit_s = time.perf_counter() - t0
+
+    def _families_vs_random(self, stage: np.ndarray, cost: np.ndarray) -> dict[str, Any]:
+        """Per held-out family: the method's accuracy and cost, and its accuracy minus that of
+        random escalation tuned to the method's mean cost on that family (``random_seeds``
+        seeds averaged per prompt), paired over the family's prompts."""
+        t, hp = self.table, self.hparams
+        fam = np.array([replay.family_of(x) for x in t.tasks])
+        out = {}
+        for f in sorted(set(fam)):
+            rows = np.flatnonzero(fam == f)
+            sub = t.subset(rows)
+            acc = self._accuracy(stage)[rows]
+            target = float(cost[rows].mean())
+            rand = np.mean([sub.correct[np.arange(len(rows)),
+                                        replay.random_escalation(sub, target, hp.seed + k)]
+                            for k in range(hp.random_seeds)], 0)
+            out[f] = {"n": int(len(rows)), "accuracy": metric(acc),
+                      "relative_cost": metric(cost[rows]),
+                      "minus_random_at_matched_cost": paired_difference(acc, rand)}
+        return out
 
     def _accuracy(self, stage: np.ndarray) -> np.ndarray:
         return self.table.correct[np.arange(len(stage)), stage]
@@ -182,20 +216,26 @@ class CascadeReplayEval(EvaluationModule):
         embed_cost = np.asarray(flops, dtype=np.float64) / t.flops[:, -1].mean()
         kinds = {m.removeprefix("router-") if m.startswith("router-") else hp.router
                  for m in routed}
-        self.router_scores = {k: route_replay.router_scores(self.cv, emb, t.correct,
-                                                            embed_cost, k, hp.seed)
-                              for k in sorted(kinds)}
+        # The predictor with router heads reads the prompt: its own CV scores (post-draft p
+        # and router R), used by the cell-based methods when router = predictor.
+        self.cv_prompt = replay.cv_scores(t, hp.folds, hp.seed, embeddings=emb,
+                                          progress=self.trainer.is_global_zero,
+                                          by_family=hp.leave_family_out) \
+            if "predictor" in kinds else None
+        self.router_scores = {k: route_replay.router_scores(
+            self.cv_prompt if k == "predictor" else self.cv, emb, t.correct, embed_cost, k,
+            hp.seed) for k in sorted(kinds)}
         cfg = route_replay.RoutingConfig(tuple(hp.router_stages or (0, 1, 2)), hp.router_bins,
                                          hp.n_bins)
         self.routing_cfg = cfg
         for m in routed:
-            rs = self._router_of(m)
-            stage, ran = route_replay.routed(m, t, self.cv, rs, hp.lam, cfg)
+            rs, cv = self._router_of(m), self._cv_of(m)
+            stage, ran = route_replay.routed(m, t, cv, rs, hp.lam, cfg)
             self.decisions[m] = (stage, replay.charge(ran, t.cost) + rs.embed_cost,
                                  replay.charge(ran, t.wall_s))
             self.curves[m] = []
             for lam in self.sweep:
-                s, r = route_replay.routed(m, t, self.cv, rs, lam, cfg)
+                s, r = route_replay.routed(m, t, cv, rs, lam, cfg)
                 self.curves[m].append({
                     "lambda": lam, "cost": float((replay.charge(r, t.cost) + rs.embed_cost)
                                                  .mean()),
@@ -205,8 +245,8 @@ class CascadeReplayEval(EvaluationModule):
             stages = dict(self.budget_stages[b])
             lambdas = {}
             for m in routed:
-                s, c, lams = route_replay.routed_at_budget(m, t, self.cv, self._router_of(m),
-                                                           b, cfg)
+                s, c, lams = route_replay.routed_at_budget(m, t, self._cv_of(m),
+                                                           self._router_of(m), b, cfg)
                 stages[m], lambdas[m] = (s, c), lams
             budgets.append(self._compare_at_budget(b, stages, lambdas))
         self.extra["routing"] = {
@@ -219,6 +259,16 @@ class CascadeReplayEval(EvaluationModule):
                                  for s in range(t.num_stages)]
                              for k, rs in self.router_scores.items()},
             "budgets": budgets}
+        if self.cv_prompt is not None:  # post-draft heads that also read the prompt
+            self.extra["routing"]["predictor_with_prompt_auroc"] = [
+                float(roc_auc_score(t.correct[:, s], self.cv_prompt.P_test[:, s]))
+                if 0 < t.correct[:, s].mean() < 1 else None for s in range(t.num_stages)]
+
+    def _cv_of(self, method: str) -> replay.CvScores:
+        """The predictor scores a routed method decides on: the prompt-reading predictor's
+        when its router is the predictor's heads."""
+        use = not method.startswith("router-") and self.hparams.router == "predictor"
+        return self.cv_prompt if use else self.cv
 
     def _router_of(self, method: str) -> route_replay.RouterScores:
         kind = method.removeprefix("router-") if method.startswith("router-") else \
@@ -238,6 +288,8 @@ class CascadeReplayEval(EvaluationModule):
         if focus in acc:
             out["focus_minus"] = {m: paired_difference(acc[focus], acc[m])
                                   for m in acc if m != focus}
+            if self.hparams.leave_family_out:
+                out["families"] = self._families_vs_random(*stages[focus])
         return out
 
     def _cost_at_top_minus_1pt(self, method: str) -> float | None:
@@ -349,52 +401,3 @@ class CascadeReplayEval(EvaluationModule):
                      f"{self.hparams.folds}-fold CV")
         fig.tight_layout()
         return {"quality_vs_cost": fig}
-
-
-class CascadeReplayCallback(Callback):
-    """During fit: after each validation epoch, replay the whole cascade on the val prompts.
-
-    The current predictor scores every (prompt, stage); the stopping policy is fitted on the
-    train-split prompts (their scores are in-sample, so this is optimistic about calibration:
-    a watch dial, not the evaluation; ``test --method cascade`` cross-validates properly) and
-    replayed on the val prompts. Logs ``val/cascade_accuracy``, ``val/cascade_relative_cost``
-    and ``val/cascade_stage_<k>`` so the end-to-end effect is visible while training.
-
-    Args:
-        lam: λ of the stopping policy.
-        data_dir: the labelled records; default: the trainer's DataModule's ``data_dir``.
-        every_n_epochs: replay after every n-th validation epoch (and the last one).
-    """
-
-    def __init__(self, lam: float = 1.0, data_dir: str | None = None,
-                 every_n_epochs: int = 5) -> None:
-        self.lam, self.data_dir, self.every_n_epochs = lam, data_dir, every_n_epochs
-        self.table: PromptTable | None = None
-
-    def on_validation_epoch_end(self, trainer: Any, pl_module: LightningModule) -> None:
-        from toolkit.cascade.stopping import evaluate, fit_policy
-
-        if trainer.sanity_checking:
-            return
-        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-        if (trainer.current_epoch + 1) % self.every_n_epochs and not last:
-            return  # the replay fits a policy per call: a watch dial, not needed every epoch
-        if self.table is None:
-            data_dir = self.data_dir or trainer.datamodule.hparams.data_dir
-            self.table = load_prompt_table(data_dir, pl_module.hparams.schema,
-                                           pl_module.hparams.num_stages)
-        t = self.table
-        n, L, F = t.features.shape
-        with torch.no_grad():
-            x = torch.from_numpy(t.features.reshape(n * L, F)).to(pl_module.device)
-            P = pl_module(x)[:, 0].cpu().numpy().reshape(n, L)
-        tr, va = t.splits == "train", t.splits == "val"
-        if not tr.any() or not va.any():
-            return
-        C = t.cost
-        policy = fit_policy(P[tr], t.correct[tr], C[tr], self.lam, groups=t.tasks[tr])
-        ev = evaluate(policy, P[va], t.correct[va], C[va], t.tasks[va])
-        pl_module.log("val/cascade_accuracy", float(ev["correct"].mean()))
-        pl_module.log("val/cascade_relative_cost", float(ev["cost"].mean()))
-        for k in range(L):
-            pl_module.log(f"val/cascade_stage_{k}", float((ev["stage"] == k).mean()))

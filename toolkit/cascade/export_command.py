@@ -15,6 +15,14 @@ from typing import Any
 def _card(report: dict[str, Any], data_dir: str) -> str:
     """A model card for a published predictor (what it is, how it was made, what it needs)."""
     schema, hp = report["feature_schema"], report["hparams"]
+    emb = report.get("prompt_embedding")
+    router = [] if not emb else [
+        f"- router heads: P(stage k answers correctly) from the prompt alone; they read the "
+        f"mean-pooled hidden states (layers {emb.get('layers')}, {emb.get('dim')} wide) of "
+        f"`{emb.get('slug')}` (sha256 {str(emb.get('sha256'))[:12]}…), projected to "
+        f"{hp.get('projection_dim')} dimensions inside the graph (ONNX input "
+        f"`prompt_embedding`, output `router`); the post-draft heads read that projection "
+        f"too: {hp.get('draft_reads_prompt')}"]
     return "\n".join([
         "# Cascade quality predictor", "",
         f"MLP {hp.get('hidden')} with two heads (ground-truth correctness; agreement with the "
@@ -24,6 +32,7 @@ def _card(report: dict[str, Any], data_dir: str) -> str:
         f"- feature schema `{schema['name']}-v{schema['version']}` ({len(schema['names'])} "
         f"features, {schema['num_stages']} stages; full-distribution entropy needed: "
         f"{schema['needs_full_entropy']}): {', '.join(schema['names'])}",
+        *router,
         f"- ONNX parity with torch: max abs difference {report['parity_max_abs_diff']:.1e} on "
         f"{report['parity_rows']} validation rows",
         f"- ONNX latency at export time, batch 1, 1 thread: p50 {report['p50_us']:.1f} µs, "
@@ -52,12 +61,15 @@ def export(ckpt: str, to: str | None = None, data_dir: str = "data/cascade") -> 
     folder = Path(to) if to else Path(ckpt).parent
     folder.mkdir(parents=True, exist_ok=True)
     path = export_onnx(module, folder / "predictor.onnx")
-    dm = CascadeRecordsDataModule(data_dir, module.hparams.schema, module.hparams.num_stages)
+    spec = module.embedding_spec if module.reads_prompt else None
+    dm = CascadeRecordsDataModule(data_dir, module.hparams.schema, module.hparams.num_stages,
+                                  embedding_model=(spec or {}).get("slug"))
     x, _ = dm.arrays("val")
+    e = dm.embedding_arrays("val")[0] if spec else None
     report = {"onnx": str(path), "checkpoint": str(ckpt),
-              "parity_max_abs_diff": check_parity(module, path, x), "parity_rows": len(x),
-              **latency_us(path, x.shape[1]), "feature_schema": module.schema.to_dict(),
-              "hparams": dict(module.hparams)}
+              "parity_max_abs_diff": check_parity(module, path, x, e), "parity_rows": len(x),
+              **latency_us(path), "feature_schema": module.schema.to_dict(),
+              "hparams": dict(module.hparams), "prompt_embedding": spec}
     if to:
         shutil.copyfile(ckpt, folder / "predictor.ckpt")
         (folder / "README.md").write_text(_card(report, data_dir))

@@ -147,7 +147,7 @@ def sidecar_paths(data_dir: str | Path, slug: str) -> tuple[Path, Path]:
     return folder / f"{slug}.npz", folder / f"{slug}.json"
 
 
-def _stage0_prompts(data_dir: str | Path) -> tuple[list[str], list[Any], dict[str, Any]]:
+def labelled_prompts(data_dir: str | Path) -> tuple[list[str], list[Any], dict[str, Any]]:
     """Prompt ids (sorted), prompts and the chat formatting of the stage-0 records."""
     from toolkit.cascade.prompt_table import record_files
 
@@ -219,7 +219,7 @@ def build_sidecar(data_dir: str = "data/cascade", model: str = "zoo:smollm2-135m
     """
     from toolkit.models.loading import resolve
 
-    ids, prompts, formatting = _stage0_prompts(data_dir)
+    ids, prompts, formatting = labelled_prompts(data_dir)
     # Refuse a stale sidecar before loading the model (resolving it is cheap); the layers are
     # known only once the model is loaded, so they are checked after.
     resolved = resolve(model)

@@ -35,6 +35,14 @@ from toolkit.cascade.stopping import (
 )
 
 
+def family_of(task: str) -> str:
+    """A task's family: its name without a ``_s<seed>`` suffix (``gsm_symbolic_s3000`` is
+    more GSM-Symbolic problems from another seed, the same family)."""
+    import re
+
+    return re.sub(r"_s\d+$", "", str(task))
+
+
 def fold_of(prompt_id: str, folds: int) -> int:
     return int(hashlib.sha256(f"fold:{prompt_id}".encode()).hexdigest()[:8], 16) % folds
 
@@ -48,20 +56,45 @@ def stage_targets(t: PromptTable) -> np.ndarray:
     return np.stack([t.correct, agree], -1)
 
 
-def out_of_fold_scores(t: PromptTable, folds: np.ndarray, seed: int = 0,
-                       steps: int = 300) -> np.ndarray:
-    """Predicted p of every (prompt, stage) from a predictor that never saw the prompt."""
-    from toolkit.cascade.predictor_module import predict_correct, train_quality_predictor
+def fit_predictor(t: PromptTable, rows: np.ndarray, seed: int = 0, steps: int = 300,
+                  embeddings: np.ndarray | None = None) -> object:
+    """The predictor trained on the prompts ``rows`` (bool [N]) of ``t``, every stage a row;
+    with ``embeddings`` [N, D] (each prompt's), it has router heads and reads the prompt."""
+    from toolkit.cascade.predictor_module import train_quality_predictor
 
-    X, T = t.features, stage_targets(t)
+    X, T = t.features[rows], stage_targets(t)[rows]
+    L = t.num_stages
+    extra = {} if embeddings is None else {
+        "embeddings": np.repeat(embeddings[rows], L, 0),  # prompt-major, as the reshape
+        "stages": np.tile(np.arange(L), int(rows.sum()))}
+    return train_quality_predictor(X.reshape(-1, X.shape[-1]), T.reshape(-1, 2),
+                                   t.schema.name, L, steps=steps, seed=seed, **extra)
+
+
+def _scores(model: object, t: PromptTable, rows: np.ndarray, embeddings: np.ndarray | None
+            ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(post-draft p [n, L], router R [n, L] or None) of the prompts ``rows``."""
+    from toolkit.cascade.predictor_module import predict_correct, predict_route
+
+    e = None if embeddings is None else embeddings[rows]
+    P = predict_correct(model, t.features[rows], e)
+    return P, (None if e is None else predict_route(model, e))
+
+
+def out_of_fold_scores(t: PromptTable, folds: np.ndarray, seed: int = 0, steps: int = 300,
+                       embeddings: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predicted p (and, with ``embeddings``, router R) of every (prompt, stage) from a
+    predictor that never saw the prompt."""
     P = np.zeros(t.correct.shape)
+    R = None if embeddings is None else np.zeros(t.correct.shape)
     for f in np.unique(folds):
         tr = folds != f
-        model = train_quality_predictor(X[tr].reshape(-1, X.shape[-1]),
-                                        T[tr].reshape(-1, 2), t.schema.name, t.num_stages,
-                                        steps=steps, seed=seed)
-        P[~tr] = predict_correct(model, X[~tr])
-    return P
+        model = fit_predictor(t, tr, seed, steps, embeddings)
+        P[~tr], r = _scores(model, t, ~tr, embeddings)
+        if R is not None:
+            R[~tr] = r
+    return P, R
 
 
 # ------------------------------------------------------------------ methods
@@ -183,32 +216,54 @@ class CvScores:
     fold: np.ndarray  # [N] fold of each prompt
     P_test: np.ndarray  # [N, L] scores from the predictor that did not see the prompt
     P_cal: dict[int, np.ndarray]  # fold -> [N_train, L] nested out-of-fold training scores
+    # The same for the router heads, when the predictor reads the prompt embedding:
+    R_test: np.ndarray | None = None
+    R_cal: dict[int, np.ndarray] | None = None
+    # [N] fold of each prompt for the nested (calibration) predictions inside training folds:
+    # hashed by prompt id (equal to ``fold`` unless the outer folds are families).
+    inner: np.ndarray | None = None
+    families: list[str] | None = None  # outer fold k = families[k] (leave one family out)
 
 
 def cv_scores(t: PromptTable, folds: int = 5, seed: int = 0, steps: int = 300,
-              progress: bool = False) -> CvScores:
+              progress: bool = False, embeddings: np.ndarray | None = None,
+              by_family: bool = False) -> CvScores:
     """Train the predictor once per fold (plus the nested calibration folds).
 
-    ``progress`` shows a bar over the outer folds on stderr (a ``test`` run trains
-    folds × folds predictors before its first decision, a minute or more on 2 cores).
+    ``by_family``: leave one family out: the outer folds are the task families (a prompt's
+    predictor, router and policy never saw its family); the nested calibration folds inside
+    the training families stay ``folds`` hashed folds by prompt id.
+
+    ``embeddings`` [N, D] (each prompt's, from the sidecar) give the predictor router heads
+    and prompt-reading post-draft heads (``predictor_module``); their router predictions are
+    out of fold in the same way. ``progress`` shows a bar over the outer folds on stderr (a
+    ``test`` run trains folds × folds predictors before its first decision, a minute or more
+    on 2 cores).
     """
     from tqdm import tqdm
 
-    from toolkit.cascade.predictor_module import predict_correct, train_quality_predictor
-
-    fold = np.array([fold_of(i, folds) for i in t.ids])
-    X, T = t.features, stage_targets(t)
+    inner = np.array([fold_of(i, folds) for i in t.ids])
+    fam = [family_of(x) for x in t.tasks]
+    families = sorted(set(fam)) if by_family else None
+    if families is not None and len(families) < 2:
+        raise ValueError(f"leave-one-family-out needs two families or more, got {families}")
+    fold = inner if families is None else np.array([families.index(x) for x in fam])
     P_test, P_cal = np.zeros(t.correct.shape), {}
+    R_test = None if embeddings is None else np.zeros(t.correct.shape)
+    R_cal: dict[int, np.ndarray] = {}
     for f in tqdm(np.unique(fold), desc="replay: cross-validation folds", unit="fold",
                   file=sys.stderr, disable=not progress):
         te, tr = fold == f, fold != f
         # The policy's calibration scores are out-of-fold inside the training folds, so they
         # look like the scores it will see at test time (in-sample scores are overconfident).
-        P_cal[int(f)] = out_of_fold_scores(t.subset(tr), fold[tr], seed, steps)
-        model = train_quality_predictor(X[tr].reshape(-1, X.shape[-1]), T[tr].reshape(-1, 2),
-                                        t.schema.name, t.num_stages, steps=steps, seed=seed)
-        P_test[te] = predict_correct(model, X[te])
-    return CvScores(fold, P_test, P_cal)
+        P_cal[int(f)], r_cal = out_of_fold_scores(
+            t.subset(tr), inner[tr], seed, steps, None if embeddings is None else embeddings[tr])
+        model = fit_predictor(t, tr, seed, steps, embeddings)
+        P_test[te], r = _scores(model, t, te, embeddings)
+        if R_test is not None:
+            R_test[te], R_cal[int(f)] = r, r_cal
+    return CvScores(fold, P_test, P_cal, R_test, R_cal if R_test is not None else None, inner,
+                    families)
 
 
 def cross_validated(t: PromptTable, cv: CvScores, lam: float, n_bins: int = 3,

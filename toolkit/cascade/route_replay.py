@@ -12,6 +12,10 @@ in units of the mean top-stage call) on top of the stages it runs. Methods, per 
   every post-draft decision (stop, or run any later stage), solved exactly on calibration
   prompts (post-draft decisions pooled over cells by default, per cell as an option).
 
+The router of ``route-only`` and ``cascade-routing`` is a ``routing.py`` peer (logistic, kNN,
+MF) or ``predictor``: the router heads of the one predictor module, whose post-draft heads
+then read the prompt too (the ``CvScores`` passed in must be the prompt-reading one).
+
 Router predictions are out-of-fold twice over, like the predictor's (``replay.cv_scores``): a
 test prompt's R comes from a router fitted on the other folds, and the calibration prompts' R
 from routers fitted inside the training folds, so calibration looks like test time.
@@ -47,10 +51,18 @@ class RouterScores:
 def router_scores(cv: CvScores, embeddings: np.ndarray, correct: np.ndarray,
                   embed_cost: np.ndarray, kind: str = "logistic", seed: int = 0
                   ) -> RouterScores:
+    """Out-of-fold predictions of a ``routing.py`` router (``kind`` in ``routing.ROUTERS``),
+    or, for ``kind="predictor"``, of the predictor's own router heads (``cv`` must then come
+    from ``replay.cv_scores`` with the embeddings)."""
+    if kind == "predictor":
+        if cv.R_test is None or cv.R_cal is None:
+            raise ValueError("router 'predictor' needs cv_scores computed with embeddings")
+        return RouterScores(kind, cv.R_test, cv.R_cal, np.asarray(embed_cost, np.float64))
     R_test, R_cal = np.zeros(correct.shape), {}
     for f in cv.P_cal:
         te, tr = cv.fold == f, cv.fold != f
-        R_cal[f] = routing.out_of_fold(kind, embeddings[tr], correct[tr], cv.fold[tr], seed)
+        inner = cv.fold if cv.inner is None else cv.inner
+        R_cal[f] = routing.out_of_fold(kind, embeddings[tr], correct[tr], inner[tr], seed)
         R_test[te] = routing.fit_predict(kind, embeddings[tr], correct[tr], embeddings[te],
                                          seed)
     return RouterScores(kind, R_test, R_cal, np.asarray(embed_cost, dtype=np.float64))
