@@ -81,6 +81,9 @@ SWEEP: dict[str, list[tuple[str, dict]]] = {
     "wino": [(f"draft {d} verify {v}", {"draft_threshold": d, "verify_threshold": v})
              for d, v in ((0.3, 0.7), (0.5, 0.8), (0.6, 0.9), (0.7, 0.95), (0.8, 0.99))],
 }
+# The paper's description alone, without the released code's progress guard (peer_policies.py).
+SWEEP["wino-no-guard"] = [(label, {**kw, "progress_guard": False}) for label, kw in SWEEP["wino"]]
+SWEEP_KIND = {"wino-no-guard": "wino"}
 
 
 def _policy(kind: str, kw: dict, gen: int):
@@ -129,7 +132,10 @@ def sweep(a: argparse.Namespace, model, tok, meta: dict) -> None:
         problems[fam] = (gen, make_problems(fam, "test", a.n, seed=meta.get("data_seed", 0),
                                             tokenizer=tok, gen_length=gen))
     grid = [("llada", "steps = gen_length", "llada", {})]
-    grid += [(name, label, name, kw) for name, pts in SWEEP.items() for label, kw in pts]
+    grid += [(name, label, SWEEP_KIND.get(name, name), kw) for name, pts in SWEEP.items()
+             for label, kw in pts]
+    if a.policies:
+        grid = [g for g in grid if g[0] in a.policies or g[0] == "llada"]  # llada: the x ref
     points = []
     for name, label, kind, kw in grid:
         point = {"policy": name, "knob": label, "args": kw}
@@ -234,6 +240,8 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=1, help="processes (Lightning Fabric, "
                     "strategy ddp) that share the problems; rows gathered on every rank")
     ap.add_argument("--accelerator", default="cpu", help="Fabric accelerator with --devices")
+    ap.add_argument("--policies", nargs="*", default=None,
+                    help=f"sweep only these besides llada (of {', '.join(SWEEP)}); default: all")
     a = ap.parse_args()
     model, tok, meta = load_diffusion_checkpoint_with_meta(a.ckpt)
     a.shard = (0, 1)

@@ -522,11 +522,16 @@ def naive_eb(model, prompt, gen_length, block_length, gamma, mask):
 
 
 @torch.no_grad()
-def naive_wino(model, prompt, gen_length, block_length, t_draft, t_verify, mask):
+def naive_wino(model, prompt, gen_length, block_length, t_draft, t_verify, mask, guard=False):
     """WINO-style decoding, per step: one forward of the sequence plus a masked copy of the
     block (copy j sees every token but position j's); draft each masked position with
     confidence ≥ t_draft (at least the most confident), and re-mask each earlier draft whose
-    copy gives it probability < t_verify. A block is given up after 2 × block_length forwards."""
+    copy gives it probability < t_verify. A block is given up after 2 × block_length forwards.
+
+    ``guard``: as WINO's released code: at most min(max(int(0.7 · masked), 5), 20) drafts (the
+    most confident); no re-masking after a step that drafted one token; and if as many would
+    be re-masked as the previous step drafted (30 before a block's first step), only that
+    count − 1, the least confident."""
     n = len(prompt)
     x = torch.full((1, n + gen_length), mask, dtype=torch.long)
     x[0, :n] = torch.tensor(prompt)
@@ -534,7 +539,7 @@ def naive_wino(model, prompt, gen_length, block_length, t_draft, t_verify, mask)
     for b in range(gen_length // block_length):
         lo, hi = n + b * block_length, n + (b + 1) * block_length
         width, length = hi - lo, x.shape[1]
-        forwards = 0
+        forwards, last_accept = 0, 30
         while bool((x[0, lo:hi] == mask).any()) and forwards < 2 * block_length:
             ext = torch.cat((x, torch.full((1, width), mask)), 1)
             pos = torch.tensor([list(range(length)) + list(range(lo, hi))])
@@ -552,14 +557,24 @@ def naive_wino(model, prompt, gen_length, block_length, t_draft, t_verify, mask)
             conf = p.gather(-1, x0[:, None])[:, 0]
             masked = [j for j in range(width) if before[j] == mask]
             best = max(masked, key=lambda j: float(conf[j]))
-            for j in masked:
-                if j == best or conf[j] >= t_draft:
-                    x[0, lo + j] = x0[j]
+            drafts = [j for j in masked if j == best or conf[j] >= t_draft]
+            if guard:
+                cap = min(max(int(len(masked) * 0.7), 5), 20)
+                drafts = sorted(drafts, key=lambda j: -float(conf[j]))[:cap]
+            for j in drafts:
+                x[0, lo + j] = x0[j]
             shadow = F.softmax(logits[length:].double(), dim=-1)
-            for j in range(width):
-                if before[j] != mask and shadow[j, before[j]] < t_verify:
-                    x[0, lo + j] = mask
-                    remasked += 1
+            low = [j for j in range(width)
+                   if before[j] != mask and shadow[j, before[j]] < t_verify]
+            if guard:
+                if len(drafts) <= 1:
+                    low = []
+                elif len(low) >= last_accept:
+                    low = sorted(low, key=lambda j: float(shadow[j, before[j]]))[:last_accept - 1]
+                last_accept = len(drafts)
+            for j in low:
+                x[0, lo + j] = mask
+                remasked += 1
     return x, nfe, remasked
 
 
@@ -578,15 +593,18 @@ def test_entropy_bounded_equals_naive_transcription(gamma, model, fixture_model)
     assert parallel == (gamma > 0.01)
 
 
+@pytest.mark.parametrize("guard", [True, False])
 @pytest.mark.parametrize("t_draft,t_verify", [(0.0, 0.5), (0.3, 0.9), (0.9, 0.9)])
-def test_wino_equals_naive_transcription(t_draft, t_verify, fixture_model):
+def test_wino_equals_naive_transcription(t_draft, t_verify, guard, fixture_model):
     cases = [(make_model(scale=30.0, seed=1), [[3, 9, 4, 1, 7], [5, 2]], MASK),
              (fixture_model, FX_PROMPTS[:2], FX_MASK)]
     revoked = 0
     for model, prompts, mask in cases:
         for prompt in prompts:
-            ref, nfe, remasked = naive_wino(model, prompt, 16, 8, t_draft, t_verify, mask)
-            out = decode(model, [prompt], 16, WinoPolicy(8, t_draft, t_verify),
+            ref, nfe, remasked = naive_wino(model, prompt, 16, 8, t_draft, t_verify, mask,
+                                            guard)
+            out = decode(model, [prompt], 16,
+                         WinoPolicy(8, t_draft, t_verify, progress_guard=guard),
                          stop_at_eos=False)
             assert torch.equal(out.sequences, ref)
             assert out.nfe == [nfe] and out.remasked == [remasked]

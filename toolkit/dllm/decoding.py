@@ -216,10 +216,11 @@ class _Decoder:
             entropy = torch.where(cand.any(-1), mean, entropy.to(mean.device))
         commit = self.policy.select(states, conf, cand, ent) & cand
         self.x[rows[:, None], span_cols[None, :]] = torch.where(commit, pred, tokens[:, c0:c1])
+        accepted = commit.sum(-1)
         # A committed mask-token prediction leaves the position masked: not a committed token.
         commit = commit & (pred != self.mask_id)
         if shadow_logits is not None:
-            self._revoke(rows, row_ids, states, plan.shadow, tokens, shadow_logits)
+            self._revoke(rows, row_ids, states, plan.shadow, tokens, shadow_logits, accepted)
         n_commit = commit.sum(-1).tolist()
         conf_sum = (prob * commit).sum(-1).tolist()
         n_real = n_real.tolist()
@@ -241,11 +242,12 @@ class _Decoder:
             commit, step_no[:, None], self.commit_nfe[rows[:, None], ans[None, :]])
 
     def _revoke(self, rows: Tensor, row_ids: list[int], states: list, span: tuple[int, int],
-                tokens: Tensor, shadow_logits: Tensor) -> None:
+                tokens: Tensor, shadow_logits: Tensor, accepted: Tensor) -> None:
         """Re-mask the drafted tokens of ``span`` that the policy no longer trusts.
 
         ``tokens`` are the rows' tokens before this step's commits: every unmasked position of
         the span was drafted earlier and is verified by its shadow copy's probability of it.
+        ``accepted``: tokens each row drafted in this step.
         """
         lo, hi = self.p + span[0], self.p + span[1]
         before = tokens[:, lo:hi]
@@ -253,7 +255,7 @@ class _Decoder:
         if self.policy.exclude_mask_token and self.mask_id < shadow_logits.shape[-1]:
             shadow_logits[..., self.mask_id] = -math.inf
         vprob = torch.softmax(shadow_logits.double(), -1).gather(-1, before[..., None])[..., 0]
-        remask = self.policy.verify(states, vprob, drafted) & drafted
+        remask = self.policy.verify(states, vprob, drafted, accepted) & drafted
         self.x[rows, lo:hi] = torch.where(remask, self.mask_id, self.x[rows, lo:hi])
         ans = slice(span[0], span[1])
         self.commit_nfe[rows, ans] = torch.where(remask, 0, self.commit_nfe[rows, ans])

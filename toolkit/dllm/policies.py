@@ -89,6 +89,7 @@ class RowState:
     thresholds: list[float] = field(default_factory=list)
     adaptations: int = 0
     stalled: bool = False
+    last_accepted: int = 0  # tokens drafted by the previous step of this block (wino)
 
 
 def _ranks(conf: Tensor, cand: Tensor) -> Tensor:
@@ -188,8 +189,10 @@ class Policy(ABC):
         """Which candidates (``cand``, ``(R, C)`` bool) to commit, given ``conf`` ``(R, C)``
         and, for policies with ``needs_entropy``, each position's entropy (nats)."""
 
-    def verify(self, states: list[RowState], conf: Tensor, drafted: Tensor) -> Tensor:
-        """Which drafted tokens to re-mask, given their shadow copies' probabilities.
+    def verify(self, states: list[RowState], conf: Tensor, drafted: Tensor,
+               accepted: Tensor) -> Tensor:
+        """Which drafted tokens to re-mask, given their shadow copies' probabilities
+        (``accepted``: tokens each row drafted in this same step).
 
         Called only for plans with a ``shadow`` span; the default keeps every token.
         """
