@@ -174,21 +174,29 @@ def test_another_embedding_model_is_refused_at_start_in_one_line(routed, tmp_pat
     assert e.value.code == 2 and "sha256 ffffffffffff" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("method", ["cascade-routing", "route-only"])
+@pytest.mark.parametrize("method", ["cascade-routing", "route-only", "predictor-heads"])
 def test_live_cascade_enters_where_the_router_says(routed, method, tmp_path):
     """The offline live cascade routes with the same code: each prompt's first stage run is
     its offline entry stage, its cost includes the embedding forward, and a route-only bundle
-    answers with the entry stage."""
+    answers with the entry stage. ``predictor-heads``: cascade routing whose router is the
+    router heads of the bundle's own predictor (one ONNX file, no router.npz), whose
+    post-draft heads read the routed prompt's embedding."""
     from toolkit import cli
 
     tmp, cfg, stages, _ = routed
     folder = tmp / "rbundle"
-    if method == "route-only":
-        folder = tmp_path / "route-only"
+    if method != "cascade-routing":
+        folder = tmp_path / method
+        routing = {**ROUTING, "method": method} if method == "route-only" else \
+            {**ROUTING, "router": "predictor"}
         cfg = write_config(tmp_path / "ro.yaml", folder, stages, build={
-            "records": str(tmp / "rec"), "train_steps": 100, "lam": 2.5,
-            "routing": {**ROUTING, "method": method}})
+            "records": str(tmp / "rec"), "train_steps": 100, "lam": 2.5, "routing": routing})
         cli.main(["serve", "--config", str(cfg), "--build_bundle", "true"])
+    if method == "predictor-heads":
+        meta = json.loads((folder / "bundle.json").read_text())
+        assert meta["router"]["kind"] == "predictor" and not (folder / "router.npz").exists()
+        assert meta["router"]["file"] == "predictor.onnx"
+        method = "cascade-routing"
     prompts = SHORT[:3] + LONG[:3]
     b, out = live_run(folder, stages, prompts)
     assert b.meta["router"]["method"] == method
@@ -199,3 +207,33 @@ def test_live_cascade_enters_where_the_router_says(routed, method, tmp_path):
         assert r.cost_flops == pytest.approx(sum(t.cost_flops for t in r.trace) + f)
         if method == "route-only":
             assert r.stopped_at_stage == e and len(r.trace) == 1
+
+
+def test_served_predictor_heads_bundle_equals_the_live_cascade(routed, tmp_path):
+    """A bundle whose router is its predictor's router heads: the server routes with them and
+    its post-draft scores read each prompt's embedding, exactly as the offline live cascade."""
+    from toolkit import cli
+
+    tmp, _, stages, _ = routed
+    folder = tmp_path / "heads"
+    cfg = write_config(tmp_path / "heads.yaml", folder, stages, build={
+        "records": str(tmp / "rec"), "train_steps": 100, "lam": 2.5,
+        "routing": {**ROUTING, "router": "predictor"}})
+    cli.main(["serve", "--config", str(cfg), "--build_bundle", "true"])
+    prompts = SHORT[:3] + LONG[:3]
+    srv = Server(cfg)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(lambda p: post(srv, "/v1/completions", {
+                "prompt": p, "max_tokens": 4}).json()["cascade"], prompts))
+        stats = get(srv.url + "/stats", headers=AUTH).json()
+    finally:
+        srv.stop()
+    _, live = live_run(folder, stages, prompts)
+    entry, cells, R, _ = offline_routes(folder, prompts)
+    for c, e, cell, r, lv in zip(got, entry, cells, R, live):
+        assert (c["route"]["entry_stage"], c["route"]["cell"]) == (e, cell)
+        assert np.allclose(c["route"]["router_probabilities"], r, atol=1e-6)
+        assert c["stopped_at_stage"] == lv.stopped_at_stage
+        assert c["stage_probabilities"] == pytest.approx(lv.stage_probabilities)
+    assert stats["bundle"]["router"]["kind"] == "predictor"

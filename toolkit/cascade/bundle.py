@@ -119,8 +119,12 @@ def build_bundle(out: str | Path, stages: list[str], decoding: DecodingConfig,
         raise BundleError("give exactly one of build.lam and build.budget")
     if len(stages) < 2:
         raise BundleError(f"a cascade needs at least 2 stages, got {len(stages)}")
+    heads = recipe.routing is not None and recipe.routing.router == "predictor"
     if recipe.routing is not None:
         recipe.routing.cell_stages(len(stages))  # refuse a bad recipe before any training
+    if heads and recipe.predictor:
+        raise BundleError("build.routing.router predictor trains the bundle's predictor with "
+                          "router heads; drop build.predictor")
     ident = [_identity(m) for m in stages]
     if recipe.predictor:
         schema = OnnxQualityPredictor(recipe.predictor).schema
@@ -140,20 +144,22 @@ def build_bundle(out: str | Path, stages: list[str], decoding: DecodingConfig,
             shutil.copyfile(recipe.predictor, tmp / "predictor.onnx")
             predictor, trained = OnnxQualityPredictor(tmp / "predictor.onnx"), None
         else:
-            predictor, trained = _train_and_export(table, recipe, tmp / "predictor.onnx")
+            predictor, trained = _train_and_export(table, recipe, tmp / "predictor.onnx",
+                                                   embeddings if heads else None)
         cal = table.splits != "train"
         if cal.sum() < 10:
             raise BundleError(f"only {int(cal.sum())} held-out (val/test) prompts to "
                               "calibrate the policy on")
         held = table.subset(cal)
-        P = np.stack([predictor.predict(held.features[:, k])[:, 0]
+        e_cal = embeddings[0][cal] if heads else None
+        P = np.stack([predictor.predict(held.features[:, k], embedding=e_cal)[:, 0]
                       for k in range(len(stages))], 1)
         Y, C = held.correct, held.cost
         routed, groups, embed_cost = None, None, np.zeros(len(held.ids))
         if recipe.routing is not None:
             routed = fit_routing(recipe.routing, table, cal, P, embeddings, recipe.records,
                                  recipe.lam, recipe.budget, recipe.n_bins, recipe.mix,
-                                 recipe.seed)
+                                 recipe.seed, predictor.route(e_cal) if heads else None)
             policy, groups = routed.routed.policy, routed.routed.cells(routed.R_cal)
             embed_cost = routed.embed_cost
             budget = None if recipe.budget is None else {
@@ -192,8 +198,10 @@ def build_bundle(out: str | Path, stages: list[str], decoding: DecodingConfig,
         cal_table = {"ids": held.ids.tolist(), "P": P.tolist(), "Y": Y.tolist(),
                      "C": C.tolist()}
         if routed is not None:
-            routed.router.save(tmp / "router.npz")
-            meta["router"] = {**routed.section, "sha256": sha256_file(tmp / "router.npz")}
+            if routed.router is not None:
+                routed.router.save(tmp / "router.npz")
+            file = tmp / routed.section["file"]
+            meta["router"] = {**routed.section, "sha256": sha256_file(file)}
             meta["calibration"]["entries_per_stage"] = np.bincount(
                 [policy.for_key(str(k)).first_stage(str(g)) for k, g in zip(held.keys, groups)],
                 minlength=len(stages)).tolist()
@@ -210,21 +218,23 @@ def build_bundle(out: str | Path, stages: list[str], decoding: DecodingConfig,
     return out
 
 
-def _train_and_export(table: PromptTable, recipe: BuildRecipe, onnx_path: Path
+def _train_and_export(table: PromptTable, recipe: BuildRecipe, onnx_path: Path,
+                      embeddings: tuple[np.ndarray, np.ndarray, dict[str, Any]] | None = None
                       ) -> tuple[OnnxQualityPredictor, dict[str, Any]]:
-    """Train the predictor on the train split (the one trainer), export and parity-check it."""
+    """Train the predictor on the train split (the one trainer), export and parity-check it;
+    with ``embeddings`` (``embedding_spec`` of the table's prompts) it gets router heads."""
     from toolkit.cascade.onnx_export import check_parity, export_onnx
-    from toolkit.cascade.predictor_module import train_quality_predictor
-    from toolkit.cascade.replay import stage_targets
+    from toolkit.cascade.replay import fit_predictor
 
     tr = table.splits == "train"
-    F = table.features.shape[-1]
-    module = train_quality_predictor(table.features[tr].reshape(-1, F),
-                                     stage_targets(table)[tr].reshape(-1, 2), recipe.schema,
-                                     table.num_stages, steps=recipe.train_steps,
-                                     seed=recipe.seed)
+    F, L = table.features.shape[-1], table.num_stages
+    emb = None if embeddings is None else embeddings[0]
+    module = fit_predictor(table, tr, recipe.seed, recipe.train_steps, emb)
+    if emb is not None:
+        module.embedding_spec = embeddings[2]
+    check_emb = None if emb is None else np.repeat(emb[~tr], L, 0)  # prompt-major rows
     export_onnx(module, onnx_path)
-    check_parity(module, onnx_path, table.features[~tr].reshape(-1, F))
-    return OnnxQualityPredictor(onnx_path), {"train_prompts": int(tr.sum()),
-                                              "steps": recipe.train_steps,
-                                              "target": "correct + agreement heads"}
+    check_parity(module, onnx_path, table.features[~tr].reshape(-1, F), check_emb)
+    return OnnxQualityPredictor(onnx_path), {
+        "train_prompts": int(tr.sum()), "steps": recipe.train_steps,
+        "target": "correct + agreement heads" + (" + router heads" if emb is not None else "")}

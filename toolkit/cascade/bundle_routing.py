@@ -49,7 +49,9 @@ class RouterRecipe:
     """cascade-routing (entry stage per router cell, then the stopping policy after each
     draft) or route-only (answer with the cell's entry stage, never escalate)."""
     router: str = "logistic"
-    """Router on the prompt embeddings: logistic, knn or mf (``routing.ROUTERS``)."""
+    """Router on the prompt embeddings: logistic, knn or mf (``routing.ROUTERS``), or
+    predictor: the bundle's predictor is trained with router heads (``predictor_module``)
+    and they route; its post-draft heads then read the prompt embedding too."""
     model: str | None = None
     """Embedding model (zoo:<slug> or a folder) whose sidecar the router reads; None = the
     bundle's first stage."""
@@ -67,9 +69,9 @@ class RouterRecipe:
         if self.method not in METHODS:
             raise BundleError(f"build.routing.method must be one of {METHODS}, got "
                               f"{self.method!r}")
-        if self.router not in routing.ROUTERS:
-            raise BundleError(f"build.routing.router must be one of {routing.ROUTERS}, got "
-                              f"{self.router!r}")
+        if self.router not in (*routing.ROUTERS, "predictor"):
+            raise BundleError(f"build.routing.router must be one of "
+                              f"{(*routing.ROUTERS, 'predictor')}, got {self.router!r}")
         if self.bins < 1 or self.folds < 2:
             raise BundleError(f"build.routing needs bins >= 1 and folds >= 2, got "
                               f"{self.bins} and {self.folds}")
@@ -83,7 +85,7 @@ class RouterRecipe:
 @dataclass
 class FittedRouting:
     routed: RoutedPolicy
-    router: routing.Router
+    router: routing.Router | None  # None: the predictor's router heads (in predictor.onnx)
     R_cal: np.ndarray  # [N_cal, L] out-of-fold router predictions of the calibration prompts
     embed_cost: np.ndarray  # [N_cal] embedding forward, in the calibration's cost units
     section: dict[str, Any]  # bundle.json's "router" (without the file's sha256)
@@ -116,32 +118,43 @@ def embedding_spec(records: str, model: str, decoding: DecodingConfig,
 def fit_routing(rr: RouterRecipe, table: PromptTable, cal: np.ndarray, P_cal: np.ndarray,
                 embeddings: tuple[np.ndarray, np.ndarray, dict[str, Any]], records: str,
                 lam: float | None, budget: float | None, n_bins: int, mix: bool,
-                seed: int = 0) -> FittedRouting:
+                seed: int = 0, R_heads: np.ndarray | None = None) -> FittedRouting:
     """Fit the router and the routing policy (see the module docstring).
 
     ``table`` holds every labelled prompt of the bundle's stages, ``cal`` marks the
     calibration prompts, ``P_cal`` is the predictor's p of each of their stages and
-    ``embeddings`` is ``embedding_spec`` of the table's prompts.
+    ``embeddings`` is ``embedding_spec`` of the table's prompts. With router ``predictor``,
+    ``R_heads`` are the predictor's router predictions of the calibration prompts (held out
+    from its training split, so they look like live traffic without extra folds).
     """
     from toolkit.cascade.replay import fold_of
 
     cell_stages = rr.cell_stages(table.num_stages)
     emb, flops, spec = embeddings
-    folds = np.array([fold_of(str(i), rr.folds) for i in table.ids])
-    R_oof = routing.out_of_fold(rr.router, emb, table.correct, folds, seed)
-    router = routing.fit_router(rr.router, emb, table.correct, seed)
+    router: routing.Router | None = None
+    if rr.router == "predictor":
+        if R_heads is None:
+            raise BundleError("router 'predictor' needs the predictor's router predictions")
+        R_oof = np.zeros(table.correct.shape)
+        R_oof[cal] = R_heads
+    else:
+        folds = np.array([fold_of(str(i), rr.folds) for i in table.ids])
+        R_oof = routing.out_of_fold(rr.router, emb, table.correct, folds, seed)
+        router = routing.fit_router(rr.router, emb, table.correct, seed)
     held = table.subset(cal)
     embed_cost = flops[cal] / held.flops[:, -1].mean()
     cfg = RoutingConfig(cell_stages, rr.bins, n_bins, rr.per_cell_decisions)
     routed = fit_routed_policy(
         rr.method, P_cal, held.correct, held.cost, R_oof[cal], cfg, lam=lam,
         budget=None if budget is None else budget - float(embed_cost.mean()), mix=mix)
-    section = {"file": "router.npz", "kind": rr.router, "method": rr.method,
+    section = {"file": "predictor.onnx" if router is None else "router.npz",
+               "kind": rr.router, "method": rr.method,
                "embedding": spec,
                "cells": {"stages": list(cell_stages), "bins": rr.bins,
                          "edges": [e.tolist() for e in routed.edges]},
                "per_cell_decisions": rr.per_cell_decisions, "folds": rr.folds,
-               "train_prompts": len(table.ids),
+               "train_prompts": len(table.ids) if router is not None
+               else int((table.splits == "train").sum()),
                "sidecar": str(Path(records) / "prompt_embeddings" / f"{spec['slug']}.npz"),
                "mean_embed_cost": float(embed_cost.mean())}
     return FittedRouting(routed, router, R_oof[cal], embed_cost, section,

@@ -113,7 +113,9 @@ class LiveCascade:
             steps = self.run_stage(k, [GenerationRequest(prompts[i]) for i in waiting],
                                    [hist[i] for i in waiting],
                                    policies=[policies[i] for i in waiting],
-                                   groups=[groups[i] for i in waiting])
+                                   groups=[groups[i] for i in waiting],
+                                   embeddings=None if routes is None else
+                                   [routes[i].embedding for i in waiting])
             for i, st in zip(waiting, steps):
                 hist[i] = st.history
                 traces[i].append(st.trace)
@@ -132,7 +134,8 @@ class LiveCascade:
                   histories: Sequence[History], decoding: DecodingConfig | None = None,
                   on_step: Callable[[list[int], list[int]], Iterable[int] | None] | None = None,
                   policies: Sequence[StoppingPolicy] | None = None,
-                  groups: Sequence[str] | None = None) -> list[StageStep]:
+                  groups: Sequence[str] | None = None,
+                  embeddings: Sequence[np.ndarray | None] | None = None) -> list[StageStep]:
         """Generate stage k's answers for a batch, score them and decide for each.
 
         The one decision step, shared by ``run`` and the HTTP server's per-stage micro-batches
@@ -146,17 +149,25 @@ class LiveCascade:
         extra = {"on_step": on_step} if on_step is not None else {}
         outs = self.backends[k].generate(list(requests), decoding or self.decoding,
                                          batch_size=self.batch_size, **extra)
-        return self.score(k, outs, histories, policies, groups)
+        return self.score(k, outs, histories, policies, groups, embeddings)
 
     def score(self, k: int, outs: Sequence[GenerationOutput], histories: Sequence[History],
-              policies: Sequence[StoppingPolicy], groups: Sequence[str] | None = None
-              ) -> list[StageStep]:
+              policies: Sequence[StoppingPolicy], groups: Sequence[str] | None = None,
+              embeddings: Sequence[np.ndarray | None] | None = None) -> list[StageStep]:
         """Score stage k's finished answers and decide for each (the second half of
-        ``run_stage``; the server calls it directly as answers finish mid-batch)."""
+        ``run_stage``; the server calls it directly as answers finish mid-batch).
+        ``embeddings``: each prompt's embedding from its route, for a predictor whose
+        post-draft heads read the prompt."""
         backend = self.backends[k]
         feats = np.stack([record_features(self._record(k, o), self.predictor.schema)
                           for o in outs])
-        probs = self.predictor.predict(feats, self.predictor.schema)[:, 0]
+        emb = None
+        if getattr(self.predictor, "reads_prompt", False):
+            if embeddings is None or any(e is None for e in embeddings):
+                raise ValueError("this predictor reads the prompt embedding: run it with the "
+                                 "prompt router of its bundle")
+            emb = np.stack(list(embeddings))
+        probs = self.predictor.predict(feats, self.predictor.schema, embedding=emb)[:, 0]
         groups = list(groups) if groups is not None else [""] * len(outs)
         steps = []
         for h, o, p, pol, g in zip(histories, outs, probs, policies, groups):

@@ -13,7 +13,7 @@ request.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,9 @@ class Route:
     """The router's predicted probability that each stage answers the prompt correctly."""
     embedding_flops: float
     """The embedding forward's cost (2 · non-embedding params · prompt tokens), charged."""
+    embedding: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """The prompt's embedding as the router read it (float16-rounded): the post-draft heads
+    of a predictor that reads the prompt take it too. Not part of ``to_dict``."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"entry_stage": self.entry_stage, "cell": self.cell,
@@ -66,17 +69,42 @@ def check_embedding_model(spec: dict[str, Any], model: str | None = None) -> str
     return name
 
 
+class HeadsRouter:
+    """The router heads of a predictor that reads the prompt (one ONNX file: the bundle's
+    ``predictor.onnx``), behind the same ``predict`` / ``dim`` / ``num_stages`` as a
+    ``routing.Router``."""
+
+    kind = "predictor"
+
+    def __init__(self, predictor: Any) -> None:
+        if not getattr(predictor, "reads_prompt", False):
+            raise EmbeddingModelError("the bundle's router is its predictor's router heads, "
+                                      "but its predictor.onnx has none")
+        self.predictor = predictor
+
+    @property
+    def dim(self) -> int:
+        return int(self.predictor.embedding_dim)
+
+    @property
+    def num_stages(self) -> int:
+        return int(self.predictor.schema.num_stages)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.predictor.route(X).astype(np.float64)
+
+
 class PromptRouter:
     """Embed prompts, predict each stage's correctness, and pick each prompt's entry stage.
 
     Args:
         embedder: a ``PromptEmbedder`` loaded with the bundle's embedding model and layers.
-        router: the fitted router (``routing.Router``).
+        router: the fitted router (``routing.Router``, or ``HeadsRouter``).
         stages: the stages whose predictions define a cell.
         edges: the inner bin edges of each of those stages' predictions.
     """
 
-    def __init__(self, embedder: Any, router: routing.Router, stages: Sequence[int],
+    def __init__(self, embedder: Any, router: routing.Router | HeadsRouter, stages: Sequence[int],
                  edges: Sequence[np.ndarray]) -> None:
         if embedder.dim != router.dim:
             raise EmbeddingModelError(f"the embedding model gives {embedder.dim}-wide "
@@ -89,13 +117,15 @@ class PromptRouter:
         """One padded embedding forward for the prompts, then each one's entry stage under
         its own (deterministic side of the) policy."""
         emb, flops = self.embedder.embed(list(prompts))
-        R = self.router.predict(emb.astype(np.float16).astype(np.float32))
+        emb = emb.astype(np.float16).astype(np.float32)  # as the sidecar stores it
+        R = self.router.predict(emb)
         cells = routing.cell_labels(R, self.stages, self.edges)
-        return [Route(pol.first_stage(str(c)), str(c), [float(x) for x in r], float(f))
-                for pol, c, r, f in zip(policies, cells, R, flops)]
+        return [Route(pol.first_stage(str(c)), str(c), [float(x) for x in r], float(f), e)
+                for pol, c, r, f, e in zip(policies, cells, R, flops, emb)]
 
 
-def load_prompt_router(spec: dict[str, Any], router: routing.Router, decoding: DecodingConfig,
+def load_prompt_router(spec: dict[str, Any], router: routing.Router | HeadsRouter,
+                       decoding: DecodingConfig,
                        model: str | None = None, device: str = "cpu") -> PromptRouter:
     """The live router of a bundle: its ``router`` section (``spec``), the loaded router, and
     the bundle's decoding (chat formatting). ``model`` overrides where the embedding model is

@@ -10,7 +10,10 @@ A bundle is a folder::
                        for every calibration prompt (refits the policy when LAMBDA_VALUE is set)
     router.npz         (version 2, a cascade-routing bundle) the router's arrays; bundle.json's
                        ``router`` section names its embedding model (slug, sha256, layers,
-                       pooling, chat formatting) and the cells the policy's entry is chosen by
+                       pooling, chat formatting) and the cells the policy's entry is chosen by;
+                       with router kind ``predictor`` there is no router.npz: the router is
+                       the router heads inside predictor.onnx (whose post-draft heads then read
+                       the prompt embedding too)
 
 Why a bundle and not "models + a predictor path": the stopping policy is only meaningful for
 the exact models, decoding settings and predictor its calibration data came from. The server
@@ -31,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from toolkit.cascade.live_routing import HeadsRouter
 from toolkit.cascade.onnx_runtime import OnnxQualityPredictor
 from toolkit.cascade.routing import Router
 from toolkit.cascade.stopping import AnyPolicy, StoppingPolicy, fit_policy, policy_from_dict
@@ -56,7 +60,7 @@ class Bundle:
     predictor: OnnxQualityPredictor
     policy: AnyPolicy
     calibration: dict[str, Any] = field(default_factory=dict)
-    router: Router | None = None
+    router: Router | HeadsRouter | None = None
     """The prompt router of a cascade-routing bundle (its spec: ``meta["router"]``)."""
 
     @property
@@ -122,12 +126,19 @@ def load_bundle(path: str | Path, stages: list[str] | None = None,
                           f"{predictor.schema.num_stages} and the policy has {policy.num_stages}")
     cal_path = path / meta["calibration"]["file"]
     calibration = json.loads(cal_path.read_text()) if cal_path.is_file() else {}
-    router = _load_router(path, meta) if "router" in meta else None
+    router = _load_router(path, meta, predictor) if "router" in meta else None
     return Bundle(path, meta, predictor, policy, calibration, router)
 
 
-def _load_router(path: Path, meta: dict[str, Any]) -> Router:
+def _load_router(path: Path, meta: dict[str, Any], predictor: OnnxQualityPredictor
+                 ) -> Router | HeadsRouter:
     spec = meta["router"]
+    if spec["kind"] == "predictor":  # the router heads inside predictor.onnx
+        router = HeadsRouter(predictor)
+        if router.dim != spec["embedding"]["dim"]:
+            raise BundleError(f"{path / spec['file']} reads {router.dim}-wide embeddings, "
+                              f"the bundle's are {spec['embedding']['dim']}-wide")
+        return router
     file = path / spec["file"]
     if not file.is_file() or sha256_file(file) != spec["sha256"]:
         raise BundleError(f"{file} is missing or differs from the sha256 in bundle.json")

@@ -329,7 +329,8 @@ class CascadeEngine:
             return
         jobs = [sess.jobs[i] for i, _ in live]
         steps = self.cascade.score(sess.stage, [o for _, o in live], [j.history for j in jobs],
-                                   [j.policy for j in jobs], [j.group for j in jobs])
+                                   [j.policy for j in jobs], [j.group for j in jobs],
+                                   [j.route.embedding if j.route else None for j in jobs])
         for (i, _), job, st in zip(live, jobs, steps):
             sess.settled.add(i)  # before routing: a failure after this is not this job's
             self._route(sess.stage, job, st)
