@@ -108,14 +108,21 @@ def _decode_shard(model, tok, probs: list, policy, gen: int, batch: int,
 
 
 def _run_point(model, tok, problems: dict, kind: str, kw: dict, batch: int,
-               shard: tuple[int, int] = (0, 1)) -> dict:
-    """Decode every family's problems with one policy setting; pooled statistics."""
+               shard: tuple[int, int] = (0, 1), metric: str = "exact") -> dict:
+    """Decode every family's problems with one policy setting; pooled statistics.
+    ``metric``: ``exact`` (final answer right) or ``steps`` (fraction of a multi-block
+    answer's intermediate steps right, for a model that gets few answers exactly right)."""
     rows = []
     for gen, probs in problems.values():
         policy = _policy(kind, kw, gen)
         with torch.inference_mode():
             decode_problems(model, tok, probs[:batch], policy, gen, batch_size=batch)  # warm-up
         rows += _decode_shard(model, tok, probs, policy, gen, batch, shard)
+    if metric == "steps":
+        for r in rows:
+            if "step_accuracy" not in r:
+                raise SystemExit(f"--metric steps: family {r['family']} writes no steps")
+            r["correct"] = r["step_accuracy"]
     return {"accuracy": 100.0 * float(np.mean([r["correct"] for r in rows])),
             "tpf": float(np.sum([r["answer_tokens"] for r in rows]))
             / float(np.sum([r["nfe"] for r in rows])),
@@ -140,7 +147,7 @@ def sweep(a: argparse.Namespace, model, tok, meta: dict) -> None:
     for name, label, kind, kw in grid:
         point = {"policy": name, "knob": label, "args": kw}
         for batch in a.batches:
-            res = _run_point(model, tok, problems, kind, kw, batch, a.shard)
+            res = _run_point(model, tok, problems, kind, kw, batch, a.shard, a.metric)
             point[f"b{batch}"] = res
         first = point[f"b{a.batches[0]}"]
         # Greedy decoding of a row does not depend on its batch (tests/dllm/test_dllm_decoding.py):
@@ -170,6 +177,8 @@ def report(a: argparse.Namespace, points: list[dict]) -> None:
     n = len(a.families) * a.n
     print(f"\n{n} held-out problems ({a.n} per family), greedy, threads "
           f"{torch.get_num_threads()}; TPF = answer tokens / NFE; * = Pareto front")
+    print("accuracy = " + ("fraction of intermediate steps right (--metric steps)"
+                           if a.metric == "steps" else "exact final answers"))
     print(f"{'policy':9} {'knob':22} {'acc %':>6} {'TPF':>6} {'NFE':>6} {'stall':>5} "
           + " ".join(f"{'wall b' + str(b):>9} {'x llada':>7}" for b in a.batches))
     for i, p in enumerate(points):
@@ -240,6 +249,9 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=1, help="processes (Lightning Fabric, "
                     "strategy ddp) that share the problems; rows gathered on every rank")
     ap.add_argument("--accelerator", default="cpu", help="Fabric accelerator with --devices")
+    ap.add_argument("--metric", choices=("exact", "steps"), default="exact",
+                    help="sweep quality: exact final answers, or the fraction of intermediate "
+                         "steps right (multi-block families)")
     ap.add_argument("--policies", nargs="*", default=None,
                     help=f"sweep only these besides llada (of {', '.join(SWEEP)}); default: all")
     a = ap.parse_args()
