@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 from toolkit.cascade import routing
 from toolkit.cascade.prompt_embeddings import load_sidecar
 from toolkit.cascade.prompt_table import load_prompt_table
-from toolkit.cascade.replay import fold_of, stage_targets
+from toolkit.cascade.replay import fit_predictor, fold_of, predictor_scores
 
 
 def _auc(Y: np.ndarray, P: np.ndarray) -> str:
@@ -41,12 +41,6 @@ def _setting(text: str) -> dict[str, object]:
 
 
 def main() -> None:
-    from toolkit.cascade.predictor_module import (
-        predict_correct,
-        predict_route,
-        train_quality_predictor,
-    )
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data_dir", default="data/cascade")
     ap.add_argument("--embedding_model", default="smollm2-135m-instruct")
@@ -56,25 +50,22 @@ def main() -> None:
     a = ap.parse_args()
     t = load_prompt_table(a.data_dir, "topk", 3)
     E, _, _ = load_sidecar(a.data_dir, t.ids, a.embedding_model)
-    N, L, F = t.features.shape
+    N, L, _ = t.features.shape
     fold = np.array([fold_of(i, a.folds) for i in t.ids])
-    T = stage_targets(t)
     print(f"{N} prompts, {a.folds} folds; AUROC per stage (0 / 1 / 2)")
     print(f"logistic router on the embeddings: "
           f"{_auc(t.correct, routing.out_of_fold('logistic', E, t.correct, fold))}")
     for text in ["draft-only", *a.settings]:
         for seed in a.seeds:
             P, R = np.zeros((N, L)), np.zeros((N, L))
+            heads = text != "draft-only"
             for f in range(a.folds):
                 tr, te = fold != f, fold == f
-                kw: dict[str, object] = {} if text == "draft-only" else {
-                    "embeddings": np.repeat(E[tr], L, 0),
-                    "stages": np.tile(np.arange(L), int(tr.sum())), **_setting(text)}
-                m = train_quality_predictor(t.features[tr].reshape(-1, F),
-                                            T[tr].reshape(-1, 2), "topk", L, seed=seed, **kw)
-                P[te] = predict_correct(m, t.features[te], None if not kw else E[te])
-                if kw:
-                    R[te] = predict_route(m, E[te])
+                m = fit_predictor(t, tr, seed, embeddings=E if heads else None,
+                                  **(_setting(text) if heads else {}))
+                P[te], r = predictor_scores(m, t, te, E if heads else None)
+                if heads:
+                    R[te] = r
             print(f"[{text}] seed {seed}: post-draft {_auc(t.correct, P)}"
                   + ("" if text == "draft-only" else f"; router {_auc(t.correct, R)}"),
                   flush=True)

@@ -114,9 +114,9 @@ class CascadeRecordsDataModule(LightningDataModule):
                 emb, _, meta = load_sidecar(self.hparams.data_dir, ids,
                                             self.hparams.embedding_model)
                 cols["embedding"] = emb
-                self.embedding_spec = {k: meta.get(k) for k in (
-                    "model", "slug", "sha256", "layers", "pooling", "dim", "chat_template",
-                    "system_prompt", "non_embedding_params")}
+                from toolkit.cascade.live_routing import EMBEDDING_KEYS
+
+                self.embedding_spec = {k: meta.get(k) for k in EMBEDDING_KEYS}
             self._splits[split] = cols
         return self._splits[split]
 

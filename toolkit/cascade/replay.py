@@ -57,9 +57,10 @@ def stage_targets(t: PromptTable) -> np.ndarray:
 
 
 def fit_predictor(t: PromptTable, rows: np.ndarray, seed: int = 0, steps: int = 300,
-                  embeddings: np.ndarray | None = None) -> object:
+                  embeddings: np.ndarray | None = None, **hparams: object) -> object:
     """The predictor trained on the prompts ``rows`` (bool [N]) of ``t``, every stage a row;
-    with ``embeddings`` [N, D] (each prompt's), it has router heads and reads the prompt."""
+    with ``embeddings`` [N, D] (each prompt's), it has router heads and reads the prompt.
+    ``hparams``: other ``QualityPredictor`` arguments."""
     from toolkit.cascade.predictor_module import train_quality_predictor
 
     X, T = t.features[rows], stage_targets(t)[rows]
@@ -68,11 +69,11 @@ def fit_predictor(t: PromptTable, rows: np.ndarray, seed: int = 0, steps: int = 
         "embeddings": np.repeat(embeddings[rows], L, 0),  # prompt-major, as the reshape
         "stages": np.tile(np.arange(L), int(rows.sum()))}
     return train_quality_predictor(X.reshape(-1, X.shape[-1]), T.reshape(-1, 2),
-                                   t.schema.name, L, steps=steps, seed=seed, **extra)
+                                   t.schema.name, L, steps=steps, seed=seed, **extra, **hparams)
 
 
-def _scores(model: object, t: PromptTable, rows: np.ndarray, embeddings: np.ndarray | None
-            ) -> tuple[np.ndarray, np.ndarray | None]:
+def predictor_scores(model: object, t: PromptTable, rows: np.ndarray,
+                     embeddings: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """(post-draft p [n, L], router R [n, L] or None) of the prompts ``rows``."""
     from toolkit.cascade.predictor_module import predict_correct, predict_route
 
@@ -91,7 +92,7 @@ def out_of_fold_scores(t: PromptTable, folds: np.ndarray, seed: int = 0, steps: 
     for f in np.unique(folds):
         tr = folds != f
         model = fit_predictor(t, tr, seed, steps, embeddings)
-        P[~tr], r = _scores(model, t, ~tr, embeddings)
+        P[~tr], r = predictor_scores(model, t, ~tr, embeddings)
         if R is not None:
             R[~tr] = r
     return P, R
@@ -259,7 +260,7 @@ def cv_scores(t: PromptTable, folds: int = 5, seed: int = 0, steps: int = 300,
         P_cal[int(f)], r_cal = out_of_fold_scores(
             t.subset(tr), inner[tr], seed, steps, None if embeddings is None else embeddings[tr])
         model = fit_predictor(t, tr, seed, steps, embeddings)
-        P_test[te], r = _scores(model, t, te, embeddings)
+        P_test[te], r = predictor_scores(model, t, te, embeddings)
         if R_test is not None:
             R_test[te], R_cal[int(f)] = r, r_cal
     return CvScores(fold, P_test, P_cal, R_test, R_cal if R_test is not None else None, inner,
