@@ -216,3 +216,24 @@ def test_leave_one_family_out_never_trains_on_the_held_out_family(table):
         # Calibration scores cover the training prompts only, from inner folds by prompt id.
         assert len(cv.P_cal[k]) == int((~held).sum())
     assert len(set(cv.inner.tolist())) == 5
+
+
+def test_family_report_against_oracle_and_cheapest_stage(table):
+    """The leave-one-family-out report, checked by two facts independent of its code: the
+    oracle is right whenever any stage is, so no random escalation beats it on any prompt;
+    and random escalation matched to the cheapest stage's cost is (almost) always-first."""
+    from toolkit.cascade.eval_module import CascadeReplayEval
+
+    ev = CascadeReplayEval(method="cascade", random_seeds=3)
+    ev.table = table
+    stage, ran = replay.fixed_method("oracle", table)
+    rep = ev._families_vs_random(stage, replay.charge(ran, table.cost))
+    fam = {replay.family_of(x) for x in table.tasks}
+    assert set(rep) == fam and sum(r["n"] for r in rep.values()) == len(table.ids)
+    for r in rep.values():
+        d = r["minus_random_at_matched_cost"]
+        assert d["value"] >= 0 and d["ci95"][0] >= 0
+    first = np.zeros(len(table.ids), int)
+    rep = ev._families_vs_random(first, table.cost[:, 0])
+    for r in rep.values():
+        assert abs(r["minus_random_at_matched_cost"]["value"]) < 0.02
