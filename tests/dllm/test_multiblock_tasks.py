@@ -1,4 +1,5 @@
-"""The multi-block task families (worked_sum, echo_sort, string_ops): seeded generation,
+"""The multi-block task families (worked_sum, echo_sort, string_ops, reverse_words,
+case_reverse): seeded generation,
 disjoint splits, answer lengths over several blocks, the two scorers, the training data, and
 one real decode through the eval rows and the fit-time callback (plumbing)."""
 
@@ -32,7 +33,8 @@ TOK = CharTokenizer()
 
 
 def test_families_are_registered_and_defaults_unchanged():
-    assert MULTIBLOCK_FAMILIES == ["worked_sum", "echo_sort", "string_ops"]
+    assert MULTIBLOCK_FAMILIES == ["worked_sum", "echo_sort", "string_ops", "reverse_words",
+                                   "case_reverse"]
     # Defaults that list families (training sizes, eval families) are what they were.
     assert SHORT_FAMILIES == ["spell_backward", "word_sorting", "number_sorting", "chain_sum"]
     for name in MULTIBLOCK_FAMILIES:
@@ -116,6 +118,31 @@ def test_string_ops_steps_are_right():
             word = OPS[op](word)
             assert step == f"{op} {word}"
         assert final == word and len(steps) == len(head.split()) + 1
+
+
+def test_case_reverse_uses_only_the_three_non_cipher_ops():
+    seen = set()
+    for p in make_problems("case_reverse", "val", 50, seed=0):
+        head, word = p.prompt.removeprefix("apply ").split(": ")
+        assert 6 <= len(word) <= 10 and word.islower() and 3 <= len(head.split()) <= 6
+        steps, final = parse_answer(p.answer)
+        assert steps[0] == f"start {word}"
+        for op, step in zip(head.split(), steps[1:]):
+            word = OPS[op](word)
+            assert step == f"{op} {word}"
+        assert final == word
+        seen |= set(head.split())
+    assert seen == {"reverse", "upper", "lower"}
+
+
+def test_reverse_words_steps_are_right():
+    for p in make_problems("reverse_words", "val", 50, seed=0):
+        words = p.prompt.removeprefix("reverse each: ").split()
+        assert 4 <= len(words) <= 7 and all(3 <= len(w) <= 6 for w in words)
+        steps, final = parse_answer(p.answer)
+        assert steps[0] == "echo " + " ".join(words)
+        assert steps[1:] == [w + " " + "".join(reversed(w)) for w in words]
+        assert final == " ".join("".join(reversed(w)) for w in words)
 
 
 # -------------------------------------------------------------------------------- scorers

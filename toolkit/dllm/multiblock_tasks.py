@@ -6,8 +6,9 @@ adapt to only when one answer mixes spans a model is sure of (copies, templates)
 must compute. These families write every step of the work out, so an answer is 64–255
 characters (the toolkit's dLLM tokenizer is :class:`~toolkit.dllm.tasks_data.CharTokenizer`:
 one character is one token) and spans 3–7 blocks of 32. By construction (the generators'
-bounds) worked_sum answers are 69–131 characters, echo_sort 67–210 at most, string_ops 76–203;
-``gen`` below is the generation length, answer + at least one EOS:
+bounds) worked_sum answers are 69–131 characters, echo_sort 67–210 at most, string_ops 76–203,
+reverse_words 80–215, case_reverse 69–153; ``gen`` below is the generation length, answer + at
+least one EOS:
 
 ============ ============================================ ========================= ======
 family       prompt → answer                              hard spans                gen
@@ -18,7 +19,17 @@ echo_sort    ``sort: 5 3 9 3`` →                          each digit's count  
              ``echo 5 3 9 3; 3 x2; 5 x1; 9 x1; answer 3 3 5 9``
 string_ops   ``apply reverse upper: abc`` →               each transformed string   224
              ``start abc; reverse cba; upper CBA; answer CBA``
+reverse_words ``reverse each: cat dog`` →                 each reversed word        224
+             ``echo cat dog; cat tac; dog god; answer tac god``
+case_reverse like string_ops, 6–10 letters, only          each reversed string      160
+             ``reverse`` / ``upper`` / ``lower``
 ============ ============================================ ========================= ======
+
+worked_sum, echo_sort and string_ops came first; a 0.88 M-parameter model trained on them for
+3 CPU-hours wrote their formats but got the computation wrong (3-digit running sums, counting,
+shift ciphers), 0% exact (``checkpoints/dllm/multiblock/README.md``). reverse_words and
+case_reverse keep the multi-block shape (echoes and templates with short hard spans) but their
+hard spans are reversals, which the same model does at 98% as the short spell_backward family.
 
 Every answer is ``step; step; ...; answer FINAL``: the steps are the intermediate work and
 FINAL the result. Two scorers use that shape: :func:`final_correct` (exact match of FINAL,
@@ -140,10 +151,11 @@ STRING_OPS: dict[str, Callable[[str], str]] = {
 }
 
 
-def _string_ops(rng: random.Random) -> tuple[str, list[str], str]:
-    """A 8–16 letter lowercase string and 3–6 operations applied in turn."""
-    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(8, 16)))
-    ops = [rng.choice(sorted(STRING_OPS)) for _ in range(rng.randint(3, 6))]
+def _apply_ops(rng: random.Random, op_names: list[str], letters: tuple[int, int],
+               n_ops: tuple[int, int]) -> tuple[str, list[str], str]:
+    """A random lowercase string and random operations of ``op_names`` applied in turn."""
+    word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(*letters)))
+    ops = [rng.choice(op_names) for _ in range(rng.randint(*n_ops))]
     steps, cur = [f"start {word}"], word
     for op in ops:
         cur = STRING_OPS[op](cur)
@@ -151,10 +163,31 @@ def _string_ops(rng: random.Random) -> tuple[str, list[str], str]:
     return f"apply {' '.join(ops)}: {word}", steps, cur
 
 
+def _string_ops(rng: random.Random) -> tuple[str, list[str], str]:
+    """A 8–16 letter lowercase string and 3–6 of all six operations (ciphers included)."""
+    return _apply_ops(rng, sorted(STRING_OPS), (8, 16), (3, 6))
+
+
+def _case_reverse(rng: random.Random) -> tuple[str, list[str], str]:
+    """string_ops without the ciphers: 6–10 letters, 3–6 of reverse / upper / lower."""
+    return _apply_ops(rng, ["lower", "reverse", "upper"], (6, 10), (3, 6))
+
+
+def _reverse_words(rng: random.Random) -> tuple[str, list[str], str]:
+    """4–7 words of 3–6 letters: echo them, then each word and its reversal, then all
+    reversals in order (spell_backward, the short family, word by word)."""
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 6)))
+             for _ in range(rng.randint(4, 7))]
+    steps = ["echo " + " ".join(words), *(f"{w} {w[::-1]}" for w in words)]
+    return "reverse each: " + " ".join(words), steps, " ".join(w[::-1] for w in words)
+
+
 LOCAL_FAMILIES: dict[str, LocalFamily] = {f.name: f for f in (
     LocalFamily("worked_sum", 160, _worked_sum),
     LocalFamily("echo_sort", 224, _echo_sort),
     LocalFamily("string_ops", 224, _string_ops),
+    LocalFamily("reverse_words", 224, _reverse_words),
+    LocalFamily("case_reverse", 160, _case_reverse),
 )}
 
 

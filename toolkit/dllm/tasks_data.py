@@ -17,9 +17,11 @@ word_reversal_long   word_sequence_reversal long   45–60 words in reverse orde
 worked_sum           (local)               multi  every running sum of 7–11 terms (160)
 echo_sort            (local)               multi  12–32 digits echoed, counted, sorted (224)
 string_ops           (local)               multi  3–6 string operations, each result (224)
+reverse_words        (local)               multi  4–7 words echoed, each reversed (224)
+case_reverse         (local)               multi  3–6 of reverse/upper/lower, each (160)
 ==================== ===================== ====== ===========================================
 
-The three ``multiblock`` families are generated locally (:mod:`toolkit.dllm.multiblock_tasks`):
+The five ``multiblock`` families are generated locally (:mod:`toolkit.dllm.multiblock_tasks`):
 answers of 64–255 characters that write every step out, scored on the final answer
 (:func:`score`) and on the steps (:func:`step_score`). They are not in ``SHORT_FAMILIES``, so
 every default that lists families is what it was before they existed.
