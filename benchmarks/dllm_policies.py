@@ -43,7 +43,12 @@ import numpy as np
 import torch
 
 from toolkit.common.paths import run_folder
-from toolkit.dllm.curve import accuracy_under_parallelism, pareto_front
+from toolkit.dllm.curve import (
+    accuracy_under_parallelism,
+    nfe_to_reach,
+    paired_interval,
+    pareto_front,
+)
 from toolkit.dllm.eval_module import decode_problems
 from toolkit.dllm.policies import make_policy
 from toolkit.dllm.shards import gather_sorted, rank_batches
@@ -129,7 +134,7 @@ def _run_point(model, tok, problems: dict, kind: str, kw: dict, batch: int,
             "nfe": float(np.mean([r["nfe"] for r in rows])),
             "stalled": float(np.mean([r["stalled"] for r in rows])),
             "wall_s": float(np.sum([r["wall_s"] for r in rows])),
-            "correct": [r["correct"] for r in rows]}
+            "correct": [r["correct"] for r in rows], "nfe_rows": [r["nfe"] for r in rows]}
 
 
 def sweep(a: argparse.Namespace, model, tok, meta: dict) -> None:
@@ -192,18 +197,76 @@ def report(a: argparse.Namespace, points: list[dict]) -> None:
           f"{y_max:.1f}): " + ", ".join(f"{k} {v:.1f}" for k, v in aup.items()))
     print("rows whose correctness differs between batch sizes: "
           f"{sum(p['batch_mismatches'] for p in points)}")
+    goal_lines = goals(points, a.batches)
+    print("\n".join(goal_lines))
     out = run_folder("bench", "dllm_policies")
     out.mkdir(parents=True, exist_ok=True)
     for p in points:
         for b in a.batches:
             p[f"b{b}"].pop("correct")
+            p[f"b{b}"].pop("nfe_rows")
     (out / "sweep.json").write_text(json.dumps(
         {"ckpt": a.ckpt, "n_per_family": a.n, "families": a.families, "batches": a.batches,
          "threads": torch.get_num_threads(), "points": points, "aup": aup, "y_max": y_max,
-         "pareto_front": [points[i]["policy"] + " " + points[i]["knob"] for i in sorted(front)]},
+         "pareto_front": [points[i]["policy"] + " " + points[i]["knob"] for i in sorted(front)],
+         "goals": goal_lines},
         indent=1))
     _plot(points, xy, front, aup, out / "accuracy_vs_tpf.png")
     print(f"results: {out / 'sweep.json'}")
+
+
+def goals(points: list[dict], batches: list[int], peers=("fastdllm", "eb", "wino"),
+          ratio_goal: float = 1.3, wall_goal: float = 5.0) -> list[str]:
+    """The issue's goals read off one sweep (first batch size for accuracy and NFE, which do
+    not depend on the batch; every batch size for wall time):
+
+    * for each of adaptive's Pareto-optimal points, the NFE each peer's curve needs for the
+      same accuracy (:func:`nfe_to_reach`) over adaptive's NFE; the goal counts the accuracy
+      levels where fastdllm's ratio is ≥ ``ratio_goal``;
+    * every peer point that beats one of those adaptive points on both accuracy and NFE
+      beyond the paired 95% bootstrap intervals (over the same problems);
+    * per batch size, the best wall-time ratio llada / adaptive among adaptive points at
+      llada's accuracy or better."""
+    b0 = f"b{batches[0]}"
+    by = {name: [p for p in points if p["policy"] == name]
+          for name in dict.fromkeys(p["policy"] for p in points)}
+    if "adaptive" not in by:
+        return ["goals: no adaptive points in this sweep"]
+    ad = by["adaptive"]
+    front = [ad[i] for i in pareto_front([(p[b0]["tpf"], p[b0]["accuracy"]) for p in ad])]
+    lines = [f"\ngoals (adaptive's Pareto points; NFE = mean forwards a problem, paired 95% "
+             f"bootstrap over {len(ad[0][b0]['correct'])} problems):"]
+    for peer in (q for q in peers if q in by):
+        curve = [(p[b0]["nfe"], p[b0]["accuracy"]) for p in by[peer]]
+        hits, beaten = 0, []
+        for p in front:
+            need = nfe_to_reach(curve, p[b0]["accuracy"])
+            ratio = None if need is None else need / p[b0]["nfe"]
+            hits += ratio is None or ratio >= ratio_goal
+            lines.append(f"  vs {peer:9} adaptive {p['knob']:18} acc {p[b0]['accuracy']:5.1f}% "
+                         f"NFE {p[b0]['nfe']:6.2f}: {peer} needs "
+                         + ("(never reaches it)" if need is None
+                            else f"{need:6.2f} NFE = {ratio:.2f}x"))
+            for q in by[peer]:
+                acc = paired_interval(q[b0]["correct"], p[b0]["correct"])
+                nfe = paired_interval(p[b0]["nfe_rows"], q[b0]["nfe_rows"])
+                if acc[1] > 0 and nfe[1] > 0:
+                    beaten.append(f"{q['knob']} beats {p['knob']} (accuracy +{100 * acc[0]:.1f}"
+                                  f" [{100 * acc[1]:.1f}, {100 * acc[2]:.1f}] points, NFE "
+                                  f"-{nfe[0]:.2f} [{nfe[1]:.2f}, {nfe[2]:.2f}])")
+        lines.append(f"  vs {peer}: {hits} of {len(front)} accuracy levels at >= {ratio_goal}x "
+                     f"fewer NFE (or unreached by {peer}); points of {peer} beating adaptive "
+                     f"beyond the intervals: {'; '.join(beaten) if beaten else 'none'}")
+    ref = by.get("llada", [None])[0]
+    if ref is not None:
+        for b in batches:
+            ok = [ref[f"b{b}"]["wall_s"] / p[f"b{b}"]["wall_s"] for p in ad
+                  if p[b0]["accuracy"] >= ref[b0]["accuracy"]]
+            lines.append(f"  wall llada / adaptive at batch {b}, at llada's accuracy "
+                         f"({ref[b0]['accuracy']:.1f}%) or better: "
+                         + (f"best {max(ok):.1f}x (goal >= {wall_goal}x)" if ok
+                            else "no adaptive point reaches it"))
+    return lines
 
 
 def _plot(points: list[dict], xy: list[tuple[float, float]], front: set[int],

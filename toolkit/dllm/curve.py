@@ -1,4 +1,5 @@
-"""Accuracy against parallelism: the Pareto front and accuracy under parallelism (AUP).
+"""Accuracy against parallelism: the Pareto front, accuracy under parallelism (AUP), and the
+readings the goals need (NFE a static curve needs for an accuracy; paired intervals).
 
 Parallelism is tokens per forward (TPF): answer tokens decoded per sequence forward. AUP is
 the d3LLM leaderboard's score (Qian et al., "AUP: when Accuracy Meets Parallelism in Diffusion
@@ -46,3 +47,38 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
         if not dominated:
             front.append(i)
     return sorted(front, key=lambda i: points[i])
+
+
+def nfe_to_reach(points: Sequence[tuple[float, float]], accuracy: float) -> float | None:
+    """The least mean NFE at which a policy reaches ``accuracy``, from its ``(nfe, accuracy)``
+    sweep points; None when no point reaches it.
+
+    Between sweep points a policy can run a mix of two settings (each on a share of the
+    problems), which reaches every accuracy on the segment between them at the matching NFE.
+    The least NFE over all mixes is on a two-point mix (a linear programme with two
+    constraints has a solution with two non-zero weights), so the minimum over pairs is exact:
+    the static curve read at its best, not extrapolated."""
+    best = None
+    for n0, a0 in points:
+        for n1, a1 in points:
+            if a0 >= accuracy:
+                cand = n0
+            elif a1 > accuracy:  # mix a0 < accuracy < a1 to reach it exactly
+                cand = n0 + (n1 - n0) * (accuracy - a0) / (a1 - a0)
+            else:
+                continue
+            best = cand if best is None else min(best, cand)
+    return best
+
+
+def paired_interval(x: Sequence[float], y: Sequence[float], n_boot: int = 2000,
+                    seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``x − y`` over the same problems and its paired bootstrap interval
+    ``(mean, low, high)``: resample problems, keep the pairing."""
+    import numpy as np
+
+    d = np.asarray(x, dtype=float) - np.asarray(y, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(d.mean()), float(lo), float(hi)
