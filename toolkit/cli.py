@@ -58,6 +58,8 @@ COMMANDS: dict[str, Command] = {
                      "run every stage of a cascade over a task and write labelled records"),
     "embed": Command("toolkit.cascade.prompt_embeddings:embed", "embed every labelled prompt "
                      "once (prefill, pooled hidden states) into a sidecar beside the records"),
+    "probe": Command("toolkit.cascade.probe_features:probe", "probe-v1 features: one forward of "
+                     "a stage's model over each labelled answer, pooled hidden states, sidecar"),
     "export": Command("toolkit.cascade.export_command:export", "export a predictor checkpoint to "
                       "ONNX (parity-checked, timed), optionally publish it"),
     "generate": Command("toolkit.qstar.generate_data:generate",

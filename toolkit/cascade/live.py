@@ -29,6 +29,7 @@ from toolkit.generation.base import (
     GenerationOutput,
     GenerationRequest,
     call_cost,
+    check_feature_schema,
 )
 
 
@@ -70,7 +71,9 @@ class LiveCascade:
     """Run a cascade of generation backends with a predictor and a stopping policy.
 
     Args:
-        backends: one generation backend per stage (smallest first), sharing nothing.
+        backends: one generation backend per stage (smallest first), sharing nothing; each
+            must declare the predictor's feature schema in its ``feature_schemas`` (vLLM
+            serves only top-k-log-prob schemas such as ``topk-v1``), else a one-line error.
         predictor: the ONNX quality predictor (its feature schema must fit the stage count).
         policy: the fitted stopping policy (``fit_policy`` / ``policy_from_dict``); a
             ``MixedPolicy`` is resolved per prompt by ``prompt_key``.
@@ -87,6 +90,8 @@ class LiveCascade:
             raise ValueError(f"{len(backends)} stages, but the predictor expects "
                              f"{predictor.schema.num_stages} and the policy "
                              f"{policy.num_stages}")
+        for b in backends:  # a backend must give what the predictor reads (vLLM: topk-v1)
+            check_feature_schema(b, predictor.schema.id)
         self.backends, self.predictor, self.policy = list(backends), predictor, policy
         self.decoding = decoding or DecodingConfig()
         self.batch_size = batch_size

@@ -10,7 +10,9 @@ hidden states of chosen layers over the prompt tokens. Its cost is charged like 
 The embeddings of labelled records live in a sidecar beside them,
 ``<data_dir>/prompt_embeddings/<slug>.npz`` (ids, float16 embeddings, FLOPs) plus
 ``<slug>.json`` (the model's sha256, layers, pooling, chat formatting). ``python cli.py embed``
-makes it, resumably; :func:`load_sidecar` reads it and refuses a missing or stale one.
+makes it, resumably; :func:`load_sidecar` reads it and refuses a missing or stale one. The
+forward, the pooling and the sidecar files are shared with the post-draft probe features
+(``hidden_sidecar.py``; ``probe_features.py``).
 
 Layer indices count like transformers' ``hidden_states``: 0 is the token embeddings, ``i`` the
 output of block ``i``, and the last (``-1``) the final, normed hidden state. The default is the
@@ -20,23 +22,22 @@ last and the middle one (``num_hidden_layers // 2``).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from toolkit.common.errors import UserError
-from toolkit.common.io import atomic_write_json, read_jsonl
+from toolkit.cascade.hidden_sidecar import HiddenStateReader, Sidecar, SidecarError
+from toolkit.common.io import read_jsonl
 from toolkit.generation.base import DecodingConfig, Messages, call_cost
 
 SIDECAR_DIR = "prompt_embeddings"
 POOLING = "mean of hidden states over the prompt tokens (attention mask), layers concatenated"
+# What makes an embedding sidecar what it is: another value of any of these is a stale sidecar.
+BUILD_KEYS = ("sha256", "layers", "chat_template", "system_prompt", "pooling")
 
 
-class EmbeddingSidecarError(UserError, RuntimeError):
+class EmbeddingSidecarError(SidecarError):
     """A prompt-embedding sidecar is missing, stale or incomplete (one line, names the fix)."""
 
 
@@ -45,99 +46,28 @@ def _make_command(data_dir: str | Path, model: str, force: bool = False) -> str:
             f"{' --force true' if force else ''}`")
 
 
-class PromptEmbedder:
+class PromptEmbedder(HiddenStateReader):
     """Embed prompts with a causal LM: one prefill forward, mean-pooled chosen layers.
 
-    Args:
-        model: ``zoo:<slug>``, a local transformers folder, or a hub id.
-        layers: ``hidden_states`` indices to pool and concatenate; None means the last and the
-            middle one. Stored normalised (non-negative) in :attr:`layers`.
-        decoding: the stage's decoding settings; only its chat formatting (``chat_template``,
-            ``system_prompt``) matters here. None means :class:`DecodingConfig`'s defaults.
-        device: ``cpu`` or ``cuda[:i]``.
-
-    Attributes:
-        slug, sha256: the model's identity (as in every labelled record).
-        layers: the pooled layers, non-negative indices into ``hidden_states``.
-        dim: width of one embedding (hidden size × number of layers).
-        non_embedding_params: parameters counted by the FLOP formula.
+    Args and attributes: those of :class:`HiddenStateReader` (``dim`` is the width of one
+    embedding); the default model is the cheapest stage's.
     """
+
+    error = EmbeddingSidecarError
 
     def __init__(self, model: str = "zoo:smollm2-135m-instruct",
                  layers: tuple[int, ...] | None = None, decoding: DecodingConfig | None = None,
                  device: str = "cpu") -> None:
-        import torch
-
-        from toolkit.generation.hf_backend import TransformersBackend
-
-        self.backend = TransformersBackend(model, device=device)
-        self.decoding = decoding or DecodingConfig()
-        self.model_name = model
-        self.slug = self.backend.info.slug
-        self.sha256 = self.backend.info.sha256
-        self.non_embedding_params = self.backend.info.non_embedding_params
-        # The base model without the LM head: logits over the vocabulary are not needed.
-        self._body = self.backend.model.base_model
-        self._device = torch.device(device)
-        n_states = int(self.backend.model.config.num_hidden_layers) + 1
-        self.layers = resolve_layers(layers, n_states)
-        self.dim = int(self.backend.model.config.hidden_size) * len(self.layers)
-
-    @property
-    def chat_formatting(self) -> dict[str, Any]:
-        return {"chat_template": self.decoding.chat_template,
-                "system_prompt": self.decoding.system_prompt}
-
-    def token_ids(self, prompts: list[str | Messages]) -> list[list[int]]:
-        """The token ids the stage model reads for each prompt (chat template applied)."""
-        ids = [self.backend.encode(p, self.decoding) for p in prompts]
-        for i, row in enumerate(ids):
-            if not row:
-                raise EmbeddingSidecarError(f"prompt {i} is empty after tokenisation")
-        return ids
+        super().__init__(model, layers, decoding, device)
 
     def embed(self, prompts: list[str | Messages]) -> tuple[np.ndarray, np.ndarray]:
         """Embeddings float32 [N, dim] and FLOP cost [N] of the prompts, in one padded forward."""
         return self.embed_ids(self.token_ids(prompts))
 
     def embed_ids(self, ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`embed` on token ids (e.g. from :meth:`token_ids`)."""
-        import torch
-
-        if not ids:
-            return np.zeros((0, self.dim), np.float32), np.zeros(0)
-        lengths = torch.tensor([len(r) for r in ids])
-        width = int(lengths.max())
-        # Right padding: every real token keeps the position it has unpadded, and under the
-        # causal mask no real token attends to a pad; the pooling mask drops the pads.
-        mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
-        pad = self.backend.tokenizer.pad_token_id or 0
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        input_ids[mask.bool()] = torch.tensor([t for r in ids for t in r])
-        with torch.no_grad():
-            out = self._body(input_ids=input_ids.to(self._device),
-                             attention_mask=mask.to(self._device), use_cache=False,
-                             output_hidden_states=True)
-            weights = (mask / lengths[:, None]).to(self._device, torch.float32)[:, :, None]
-            pooled = [(out.hidden_states[k].float() * weights).sum(1) for k in self.layers]
-            emb = torch.cat(pooled, -1).cpu().numpy().astype(np.float32)
+        """:meth:`embed` on token ids (e.g. from :meth:`token_ids`): every token is pooled."""
         flops = np.array([call_cost(self.non_embedding_params, len(r), 0) for r in ids])
-        return emb, flops
-
-
-def resolve_layers(layers: tuple[int, ...] | list[int] | None, n_states: int) -> tuple[int, ...]:
-    """Non-negative ``hidden_states`` indices (``n_states`` = blocks + 1); None: last, middle."""
-    if layers is None:
-        layers = (-1, (n_states - 1) // 2)
-    if not layers:
-        raise EmbeddingSidecarError("layers is empty; give at least one hidden_states index")
-    out = []
-    for k in layers:
-        if not -n_states <= int(k) < n_states:
-            raise EmbeddingSidecarError(f"layer {k} out of range: this model has {n_states} "
-                                        f"hidden states (0 = embeddings .. {n_states - 1})")
-        out.append(int(k) % n_states)
-    return tuple(out)
+        return self.pool(ids, [0] * len(ids)), flops
 
 
 # --------------------------------------------------------------------------- sidecar
@@ -145,6 +75,18 @@ def sidecar_paths(data_dir: str | Path, slug: str) -> tuple[Path, Path]:
     """(npz, json meta) of one model's sidecar under ``data_dir``."""
     folder = Path(data_dir) / SIDECAR_DIR
     return folder / f"{slug}.npz", folder / f"{slug}.json"
+
+
+def _sidecar(data_dir: str | Path, slug: str, model: str) -> Sidecar:
+    """The sidecar of ``slug``; its messages name ``model`` (or, to complete an existing
+    sidecar, the model that made it)."""
+    def command(meta: dict[str, Any] | None, force: bool) -> str:
+        name = model if force or not meta else meta.get("model", model)
+        return _make_command(data_dir, name, force)
+
+    npz, meta = sidecar_paths(data_dir, slug)
+    return Sidecar(npz, meta, f"prompt embeddings of {slug}", "prompt ids", command,
+                   EmbeddingSidecarError)
 
 
 def labelled_prompts(data_dir: str | Path) -> tuple[list[str], list[Any], dict[str, Any]]:
@@ -171,41 +113,6 @@ def labelled_prompts(data_dir: str | Path) -> tuple[list[str], list[Any], dict[s
     return ids, [prompts[i] for i in ids], json.loads(formats.pop())
 
 
-def _save_npz(path: Path, ids: list[str], emb: np.ndarray, flops: np.ndarray) -> None:
-    """Rewrite the npz atomically: readers see the old or the new file, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, ids=np.array(ids, dtype=str), emb=emb.astype(np.float16),
-                     flops=flops.astype(np.float64))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_npz(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return [str(i) for i in z["ids"]], z["emb"], z["flops"]
-
-
-def _check_existing(data_dir: str | Path, model: str, slug: str, want: dict[str, Any]) -> None:
-    """Refuse an existing sidecar whose meta differs from ``want`` in any key ``want`` has
-    among sha256, layers, pooling and chat formatting."""
-    npz, meta_path = sidecar_paths(data_dir, slug)
-    if not npz.exists():
-        return
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    for key in ("sha256", "layers", "chat_template", "system_prompt", "pooling"):
-        if key in want and meta.get(key) != want[key]:
-            raise EmbeddingSidecarError(
-                f"{npz} was made with another {key} ({meta.get(key)!r}, now {want[key]!r}); "
-                f"rebuild it with {_make_command(data_dir, model, force=True)}")
-
-
 def build_sidecar(data_dir: str = "data/cascade", model: str = "zoo:smollm2-135m-instruct",
                   layers: tuple[int, ...] | list[int] | None = None, batch_size: int = 16,
                   force: bool = False) -> Path:
@@ -223,44 +130,22 @@ def build_sidecar(data_dir: str = "data/cascade", model: str = "zoo:smollm2-135m
     # Refuse a stale sidecar before loading the model (resolving it is cheap); the layers are
     # known only once the model is loaded, so they are checked after.
     resolved = resolve(model)
-    if not force:
-        _check_existing(data_dir, model, resolved.slug,
-                        {"sha256": resolved.sha256, "pooling": POOLING, **formatting})
+    sidecar = _sidecar(data_dir, resolved.slug, model)
+    if not force and sidecar.npz.exists():
+        sidecar.check_meta({"sha256": resolved.sha256, "pooling": POOLING, **formatting},
+                           BUILD_KEYS)
     embedder = PromptEmbedder(model, tuple(layers) if layers is not None else None,
                               DecodingConfig(**formatting))
-    npz, meta_path = sidecar_paths(data_dir, embedder.slug)
     meta = {"model": model, "slug": embedder.slug, "sha256": embedder.sha256,
             "layers": list(embedder.layers), "pooling": POOLING, "dim": embedder.dim,
             **embedder.chat_formatting, "non_embedding_params": embedder.non_embedding_params,
             "flops": "2 * non_embedding_params * prompt_tokens (SPEC D2), per prompt",
             "storage": "float16"}
-    done_ids: list[str] = []
-    emb = np.zeros((0, embedder.dim), np.float16)
-    flops = np.zeros(0)
-    if not force and npz.exists():
-        _check_existing(data_dir, model, embedder.slug, meta)
-        done_ids, emb, flops = _read_npz(npz)
-    npz.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(meta_path, meta)  # before the npz: an npz always has its meta
-
-    done = set(done_ids)
-    todo = [(i, p) for i, p in zip(ids, prompts) if i not in done]
-    tokens = embedder.token_ids([p for _, p in todo])
-    order = sorted(range(len(todo)), key=lambda j: (len(tokens[j]), todo[j][0]))
-    total, start = len(ids), time.perf_counter()
-    print(f"embed: {len(done)}/{total} prompts already in {npz}")
-    for b in range(0, len(order), batch_size):
-        rows = order[b:b + batch_size]
-        e, f = embedder.embed_ids([tokens[j] for j in rows])
-        done_ids += [todo[j][0] for j in rows]
-        emb = np.concatenate([emb, e.astype(np.float16)])
-        flops = np.concatenate([flops, f])
-        _save_npz(npz, done_ids, emb, flops)
-        print(f"embed: {len(done_ids)}/{total} prompts ({time.perf_counter() - start:.1f} s)",
-              flush=True)
-    if not npz.exists():  # nothing to do and nothing there: still leave a (empty) sidecar
-        _save_npz(npz, done_ids, emb, flops)
-    return npz
+    prompt_of = dict(zip(ids, prompts))
+    return sidecar.build(meta, ids, BUILD_KEYS,
+                         lambda todo: embedder.token_ids([prompt_of[i] for i in todo]),
+                         lambda _, tokens: embedder.embed_ids(tokens),
+                         batch_size, force, "embed", "prompts")
 
 
 def load_sidecar(data_dir: str | Path, ids: list[str] | np.ndarray,
@@ -275,29 +160,11 @@ def load_sidecar(data_dir: str | Path, ids: list[str] | np.ndarray,
         EmbeddingSidecarError: no sidecar for ``model_slug``; one made with another model or
             (when ``sha256`` is given) other weights; or prompt ids it does not hold.
     """
-    npz, meta_path = sidecar_paths(data_dir, model_slug)
-    model = model or f"zoo:{model_slug}"
-    make = _make_command(data_dir, model)
-    if not npz.is_file() or not meta_path.is_file():
-        raise EmbeddingSidecarError(f"no prompt embeddings of {model_slug} under "
-                                    f"{npz.parent}; make them with {make}")
-    meta = json.loads(meta_path.read_text())
-    make = _make_command(data_dir, meta.get("model", model))
-    if meta.get("slug") != model_slug or (sha256 is not None and meta.get("sha256") != sha256):
-        raise EmbeddingSidecarError(
-            f"{npz} was made with {meta.get('slug')} sha256 {str(meta.get('sha256'))[:12]}, "
-            f"expected {model_slug} sha256 {str(sha256)[:12]}; rebuild it with "
-            f"{_make_command(data_dir, model, force=True)}")
-    have, emb, flops = _read_npz(npz)
-    row = {i: k for k, i in enumerate(have)}
-    wanted = [str(i) for i in ids]
-    missing = [i for i in wanted if i not in row]
-    if missing:
-        raise EmbeddingSidecarError(f"{len(missing)} of {len(wanted)} prompt ids have no "
-                                    f"embedding in {npz} (e.g. {missing[0]}); embed them with "
-                                    f"{make}")
-    take = np.array([row[i] for i in wanted], dtype=np.int64)
-    return emb[take].astype(np.float32), flops[take].astype(np.float64), meta
+    want: dict[str, Any] = {"slug": model_slug}
+    if sha256 is not None:
+        want["sha256"] = sha256
+    sidecar = _sidecar(data_dir, model_slug, model or f"zoo:{model_slug}")
+    return sidecar.load([str(i) for i in ids], want, ("slug", "sha256"))
 
 
 # ------------------------------------------------------------------------------- CLI

@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from toolkit.common.errors import UserError
+
 Messages = list[dict[str, str]]
 
 
@@ -121,6 +123,8 @@ class GenerationBackend(Protocol):
     """The one interface the cascade, q* and the server generate through."""
 
     info: ModelInfo
+    feature_schemas: tuple[str, ...]
+    """The predictor feature schemas (``FeatureSchema.id``) this backend's outputs can feed."""
 
     def generate(self, requests: Sequence[GenerationRequest], config: DecodingConfig,
                  batch_size: int = 8) -> list[GenerationOutput]:
@@ -135,3 +139,20 @@ class GenerationBackend(Protocol):
 def call_cost(non_embedding_params: int, prompt_tokens: int, generated_tokens: int) -> float:
     """FLOPs of one model call: 2 · N_non-embedding · (prompt + generated tokens) (SPEC §D2)."""
     return 2.0 * non_embedding_params * (prompt_tokens + generated_tokens)
+
+
+class UnservableSchemaError(UserError, ValueError):
+    """A predictor needs features that a backend cannot give."""
+
+
+def check_feature_schema(backend: Any, schema_id: str) -> None:
+    """Refuse a backend (instance or class) that does not declare ``schema_id`` among its
+    ``feature_schemas``: its outputs lack what the predictor reads (e.g. vLLM: no hidden
+    states, no full-distribution entropy)."""
+    served = tuple(getattr(backend, "feature_schemas", ()))
+    if schema_id not in served:
+        name = getattr(backend, "name", type(backend).__name__)
+        raise UnservableSchemaError(
+            f"the {name} backend cannot serve feature schema {schema_id} (it serves "
+            f"{', '.join(served) or 'none'}); fall back to topk-v1 (a predictor trained with "
+            "--data.schema topk)")

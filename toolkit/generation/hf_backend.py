@@ -46,6 +46,10 @@ class TransformersBackend:
     """
 
     name = "transformers"
+    #: Every feature schema: the full distribution gives the entropies (``full-v1``, ``seed-v1``)
+    #: and the hidden states of a forward over the answer give ``probe-v1``.
+    feature_schemas = ("topk-v1", "full-v1", "no_entropy-v1", "no_logprobs-v1", "minimal-v1",
+                       "seed-v1", "probe-v1")
 
     def __init__(self, model: str, quantisation: str = "none", dtype: str = "float32",
                  device: str = "cpu", threads: int | None = None, auto_pull: bool = True) -> None:

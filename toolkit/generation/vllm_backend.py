@@ -14,6 +14,10 @@ What differs from the transformers backend, and why:
 * ``token_logprobs`` is vLLM's log-prob of the sampled token as vLLM reports it (raw model
   log-probs in recent versions; check ``logprobs_mode`` of the installed version).
 * Per-request wall time is the whole ``generate`` call (vLLM schedules requests internally).
+* vLLM exposes no hidden states, so it cannot serve the post-draft probe schema (``probe-v1``,
+  pooled hidden states over the answer), nor any schema that needs the full entropy:
+  ``feature_schemas`` lists only those built from top-k log-probs; a predictor needing more is
+  refused at start with a pointer to ``topk-v1``.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ class VLLMBackend:
     """
 
     name = "vllm"
+    #: Only schemas computed from chosen and top-k log-probs: no hidden states (``probe-v1``)
+    #: and no full-distribution entropy (``full-v1``, ``no_logprobs-v1``, ``seed-v1``).
+    feature_schemas = ("topk-v1", "no_entropy-v1", "minimal-v1")
 
     def __init__(self, model: str, tensor_parallel_size: int = 1, quantisation: str = "none",
                  gpu_memory_utilization: float = 0.85, **llm_kwargs: Any) -> None:
