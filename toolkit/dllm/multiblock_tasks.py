@@ -30,6 +30,9 @@ worked_sum, echo_sort and string_ops came first; a 0.88 M-parameter model traine
 shift ciphers), 0% exact (``checkpoints/dllm/multiblock/README.md``). reverse_words and
 case_reverse keep the multi-block shape (echoes and templates with short hard spans) but their
 hard spans are reversals, which the same model does at 98% as the short spell_backward family.
+A further 26 CPU-minutes on them (stage 7) still gave 0% exact: reversing random-letter words
+is harder than reversing the English words of spell_backward, and long answers also slip in
+plain copies.
 
 Every answer is ``step; step; ...; answer FINAL``: the steps are the intermediate work and
 FINAL the result. Two scorers use that shape: :func:`final_correct` (exact match of FINAL,
