@@ -70,6 +70,11 @@ POLICIES = {
     # Control for the creative preset, which starts at τ 0.7: is its gain the adaptation, or
     # only the lower threshold? A static Fast-dLLM at the same τ answers that.
     "fastdllm-tau0.7": ("fastdllm", {"block_length": 32, "threshold": 0.7, "cache": "prefix"}),
+    # Controls for the code preset's starting block of 16 (Fast-dLLM's is 32): is a loss of
+    # accuracy the block size or the adaptation? Static Fast-dLLM at block 16, and adaptive
+    # starting at block 32.
+    "fastdllm-block16": ("fastdllm", {"block_length": 16, "threshold": 0.9, "cache": "prefix"}),
+    "adaptive-block32": ("adaptive", {"base_block_size": 32}),
     # Training-free peers (toolkit/dllm/peer_policies.py) at their default knobs.
     "eb": ("eb", {"block_length": 32, "gamma": 0.1, "cache": "prefix"}),
     "wino": ("wino", {"block_length": 32, "draft_threshold": 0.6, "verify_threshold": 0.9}),
@@ -386,6 +391,10 @@ def main() -> None:
         print(f"  {name:24} NFE fastdllm / preset {f['nfe'] / s['nfe']:.2f}, accuracy "
               f"{s['correct']:.3f} vs {f['correct']:.3f}, wall llada / preset "
               f"{ll['wall'] / s['wall']:.1f}x")
+    b16, a32 = summary["fastdllm-block16"], summary["adaptive-block32"]
+    print(f"block-size controls: fastdllm at block 16 accuracy {b16['correct']:.3f} (NFE "
+          f"{b16['nfe']:.2f}) vs block 32 {f['correct']:.3f}; adaptive from block 32 "
+          f"{a32['correct']:.3f} (NFE {a32['nfe']:.2f}) vs from 16 {ad['correct']:.3f}")
     c, f7 = summary["adaptive-creative"], summary["fastdllm-tau0.7"]
     print(f"static control at the creative preset's starting τ 0.7: NFE fastdllm-tau0.7 / "
           f"creative {f7['nfe'] / c['nfe']:.2f}, accuracy {c['correct']:.3f} vs "
