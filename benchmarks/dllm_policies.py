@@ -8,7 +8,9 @@ held-out problems are decoded by every policy, one after the other, batch 1, gre
 (block 32, τ 0.9, prefix cache), ``adaptive`` (the seed's defaults = its code preset, B 16,
 τ 0.8), its ablations (no block sizing, no threshold adaptation, no cache at all, Fast-dLLM's
 prefix cache instead of the tiered one), the seed's presets math (B 8, τ 0.9) and creative
-(B 32, τ 0.7), and a static control for the latter (fastdllm at τ 0.7). Reports accuracy,
+(B 32, τ 0.7), a static control for the latter (fastdllm at τ 0.7), block-size controls
+(fastdllm at block 16, the code preset's; adaptive starting at block 32) and the peers eb and
+wino at their default knobs. Reports accuracy,
 mean NFE (with the lower bound ceil(L_eff/B) beside it), wall time and answer tokens per
 second (after one untimed warm-up problem per policy), and the ratios the issue asks for:
 NFE fastdllm / adaptive (goal ≥ 1.3 at equal or better accuracy) and wall llada / fastdllm
