@@ -32,6 +32,8 @@ with join at equal or better throughput. ``--tiny`` builds and serves the tests'
 prompts,
 so the comparison runs without the zoo models (plumbing and scheduling, not model speed);
 ``--length_spread`` gives the requests different budgets (the tiny models never stop early).
+``--baseline_max_batch`` gives the batch-admission phase its own ``max_batch``, so that one run
+compares join admission at ``--max_batch`` with the earlier server at its earlier setting.
 """
 
 from __future__ import annotations
@@ -237,7 +239,9 @@ def compare_admission(config: str, prompts: list[str], args: argparse.Namespace)
 
     out: dict = {}
     for mode in ("batch", "join"):
-        extra = ("--max_batch", str(args.max_batch)) if args.max_batch else ()
+        max_batch = (args.baseline_max_batch or args.max_batch) if mode == "batch" \
+            else args.max_batch
+        extra = ("--max_batch", str(max_batch)) if max_batch else ()
         proc, url, _ = start_server(config, args.threads, "--admission", mode, *extra)
         try:
             httpx.post(url + "/generate", json={"prompt": prompts[0], "max_tokens": 4},
@@ -246,11 +250,13 @@ def compare_admission(config: str, prompts: list[str], args: argparse.Namespace)
                 url, prompts, args.clients,
                 budgets(len(prompts), args.max_tokens, args.length_spread), args.phase_seconds))
             out[mode]["micro_batches"] = httpx.get(url + "/stats").json()["micro_batches"]
+            out[mode]["max_batch"] = max_batch
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
         r = out[mode]
-        print(f"admission {mode}: {r['ok']} ok, {r['errors']} errors, TTFT p50 "
+        print(f"admission {mode} (max_batch {max_batch or 'of the config'}): {r['ok']} ok, "
+              f"{r['errors']} errors, TTFT p50 "
               f"{r['ttft_ms']['p50']:.0f} ms p95 {r['ttft_ms']['p95']:.0f} ms, latency p50 "
               f"{r['latency_ms']['p50']:.0f} ms, {r['req_per_s']:.2f} req/s, "
               f"{r['tok_per_s']:.1f} tok/s, stops {r['stops']}", flush=True)
@@ -292,6 +298,10 @@ def main() -> None:
     ap.add_argument("--max_batch", type=int, default=None,
                     help="with --compare_admission: the server's max_batch (default: the "
                          "config's); with max_batch < clients half the requests always queue")
+    ap.add_argument("--baseline_max_batch", type=int, default=None,
+                    help="with --compare_admission: max_batch of the batch-admission phase only "
+                         "(default: --max_batch), to compare join at one max_batch against the "
+                         "earlier server (batch admission) at another in one run")
     args = ap.parse_args()
     import httpx
     import yaml
@@ -373,6 +383,7 @@ def run_comparison(args: argparse.Namespace) -> None:
         "bundle": "tiny (tests/serving/test_serve.py)" if args.tiny else args.config,
         "requests": len(prompts), "clients": args.clients, "max_tokens": args.max_tokens,
         "length_spread": args.length_spread, "max_batch": args.max_batch,
+        "baseline_max_batch": args.baseline_max_batch,
         "greedy": True, "threads": args.threads}, **result,
         "total_wall_s": time.perf_counter() - t_start}
     out = run_folder("bench", "serve_admission")
