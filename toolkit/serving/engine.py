@@ -73,7 +73,7 @@ class CascadeEngine:
             (they wait for the running batch to end); see the module docstring.
     """
 
-    def __init__(self, cascade: LiveCascade, stats: ServerStats, max_batch: int = 8,
+    def __init__(self, cascade: LiveCascade, stats: ServerStats, max_batch: int = 16,
                  wait_ms: float = 10.0, max_queue: int = 64, admission: str = "join") -> None:
         if admission not in ("join", "batch"):
             raise ValueError(f"admission must be 'join' or 'batch', got {admission!r}")

@@ -63,7 +63,7 @@ def lambda_override(bundle_meta: dict[str, Any]) -> float | None:
 def serve(bundle: str = "runs/bundle/smollm2-qwen0.5b", stages: list[str] | None = None,
           decoding: DecodingConfig | None = None, build_bundle: bool = False,
           build: BuildRecipe | None = None, host: str = "127.0.0.1", port: int = 8000,
-          api_key: str | None = None, max_batch: int = 8, wait_ms: float = 10.0,
+          api_key: str | None = None, max_batch: int = 16, wait_ms: float = 10.0,
           max_queue: int = 64, admission: str = "join", limits: Limits | None = None,
           dtype: str = "float32",
           device: str = "cpu", threads: int | None = None, model_name: str = "cascade",
