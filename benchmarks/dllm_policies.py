@@ -52,7 +52,7 @@ from toolkit.dllm.curve import (
     pareto_front,
 )
 from toolkit.dllm.eval_module import decode_problems
-from toolkit.dllm.policies import make_policy
+from toolkit.dllm.registry import make_policy
 from toolkit.dllm.shards import gather_sorted, rank_batches
 from toolkit.dllm.tasks_data import get_family, make_problems
 from toolkit.dllm.train_module import load_diffusion_checkpoint_with_meta

@@ -251,7 +251,7 @@ CACHE_PAIRS = {"fastdllm_prefix": "fastdllm_nocache", "fastdllm_dual": "fastdllm
 def bench_dllm(device: torch.device, p: dict[str, Any]) -> dict[str, Any]:
     from toolkit.dllm.decoding import decode
     from toolkit.dllm.llada_model import LLaDAConfig, LLaDAModelLM
-    from toolkit.dllm.policies import make_policy
+    from toolkit.dllm.registry import make_policy
 
     cfg = LLaDAConfig(**p["llada_1b"])
     t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import torch
 from toolkit.common.splits import split_of
 from toolkit.dllm.llada_model import LLaDAConfig, LLaDAModelLM
 from toolkit.dllm.multiblock_tasks import LOCAL_FAMILIES, parse_answer
-from toolkit.dllm.policies import make_policy
+from toolkit.dllm.registry import make_policy
 from toolkit.dllm.tasks_data import (
     FAMILIES,
     MULTIBLOCK_FAMILIES,

@@ -7,25 +7,18 @@
 * :mod:`.policies`: the policy protocol, ``llada`` (the published sampler) and ``fastdllm``
   (threshold/factor, prefix/dual cache); :mod:`.adaptive_policy`: ``adaptive`` (the seed's
   self-correcting scheduler, with :data:`PRESETS`); :mod:`.peer_policies`: ``eb``
-  (entropy-bounded) and ``wino`` (revocable).
+  (entropy-bounded) and ``wino`` (revocable); :mod:`.registry`: every policy by name
+  (:func:`make_policy`).
 * :mod:`.curve`: accuracy under parallelism and the Pareto front (benchmarks).
 * :mod:`.seed_api`: the seed's function and class names over the same loop.
 """
 
+from toolkit.dllm.adaptive_policy import PRESETS, AdaptivePolicy
 from toolkit.dllm.decoding import DecodeResult, compare, decode
 from toolkit.dllm.llada_model import KVCache, LLaDAConfig, LLaDAModelLM, LLaDAOutput
 from toolkit.dllm.peer_policies import EntropyBoundedPolicy, WinoPolicy
-from toolkit.dllm.policies import (
-    POLICIES,
-    PRESETS,
-    AdaptivePolicy,
-    FastDLLMPolicy,
-    LLaDAPolicy,
-    Plan,
-    Policy,
-    RowState,
-    make_policy,
-)
+from toolkit.dllm.policies import FastDLLMPolicy, LLaDAPolicy, Plan, Policy, RowState
+from toolkit.dllm.registry import POLICIES, make_policy
 from toolkit.dllm.seed_api import (
     AdaptiveInferenceScheduler,
     TieredCacheManager,

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from toolkit.dllm.eval_module import decode_problems
-from toolkit.dllm.policies import make_policy
+from toolkit.dllm.registry import make_policy
 from toolkit.dllm.shards import gather_sorted, rank_batches
 from toolkit.dllm.tasks_data import Problem, get_family
 

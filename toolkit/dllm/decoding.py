@@ -35,7 +35,8 @@ from torch import Tensor
 
 from toolkit.dllm.decode_result import DecodeResult, compare  # noqa: F401 (re-exported)
 from toolkit.dllm.llada_model import KVCache
-from toolkit.dllm.policies import DecodeInputError, Plan, Policy, RowState, make_policy
+from toolkit.dllm.policies import DecodeInputError, Plan, Policy, RowState
+from toolkit.dllm.registry import make_policy
 
 
 def _config_value(model: Any, key: str) -> Any:

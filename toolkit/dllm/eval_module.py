@@ -24,9 +24,11 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from toolkit.dllm.adaptive_policy import AdaptivePolicy
 from toolkit.dllm.decoding import decode
 from toolkit.dllm.eval_report import accuracy_vs_nfe_plot, nfe_over_answer_plot
-from toolkit.dllm.policies import AdaptivePolicy, DecodeInputError, Policy, make_policy
+from toolkit.dllm.policies import DecodeInputError, Policy
+from toolkit.dllm.registry import make_policy
 from toolkit.dllm.tasks_data import (
     LONG_FAMILY,
     SHORT_FAMILIES,

@@ -372,26 +372,3 @@ class FastDLLMPolicy(_CachedBlockPolicy):
             return select_factor(conf, cand, self.factor)
         tau = torch.full((conf.shape[0],), self.threshold, dtype=conf.dtype, device=conf.device)
         return select_threshold(conf, cand, tau)
-
-
-# The adaptive scheduler and the peers live in their own modules, which build on this one (the
-# package imports this module first, so the cycle resolves); they are registered here by name.
-from toolkit.dllm.adaptive_policy import PRESETS, AdaptivePolicy  # noqa: E402, F401 (re-exported)
-from toolkit.dllm.peer_policies import EntropyBoundedPolicy, WinoPolicy  # noqa: E402
-
-POLICIES: dict[str, type[Policy]] = {
-    "llada": LLaDAPolicy, "fastdllm": FastDLLMPolicy, "adaptive": AdaptivePolicy,
-    "eb": EntropyBoundedPolicy, "wino": WinoPolicy,
-}
-
-
-def make_policy(name: str, **kwargs: Any) -> Policy:
-    """Build a policy by name; ``make_policy("adaptive", preset="math", ...)`` uses a preset."""
-    if name not in POLICIES:
-        raise DecodeInputError(f"unknown policy {name!r}; choose one of {sorted(POLICIES)}")
-    preset = kwargs.pop("preset", None)
-    if preset is not None:
-        if name != "adaptive":
-            raise DecodeInputError("presets exist only for the adaptive policy")
-        return AdaptivePolicy.from_preset(preset, **kwargs)
-    return POLICIES[name](**kwargs)

@@ -1,7 +1,7 @@
 """The seed's Python API (SPEC §C) as thin wrappers over :func:`toolkit.dllm.decoding.decode`.
 
 Names, arguments, defaults and return values follow the seed; all the work happens in the one
-decoding loop with :class:`~toolkit.dllm.policies.AdaptivePolicy` (or the static Fast-dLLM
+decoding loop with :class:`~toolkit.dllm.adaptive_policy.AdaptivePolicy` (or the static Fast-dLLM
 policy for the comparison baseline). ``output`` is the prompt followed by the answer, shape
 ``(B, prompt_len + gen_length)`` (prompts of different lengths are left-padded). ``nfe`` is the
 row's count of forwards for one prompt, and the number of batched model calls for several.
@@ -13,8 +13,9 @@ from typing import Any
 
 from torch import Tensor
 
+from toolkit.dllm.adaptive_policy import AdaptivePolicy
 from toolkit.dllm.decoding import DecodeResult, compare, decode
-from toolkit.dllm.policies import AdaptivePolicy, FastDLLMPolicy
+from toolkit.dllm.policies import FastDLLMPolicy
 
 
 class AdaptiveInferenceScheduler:
