@@ -1,14 +1,14 @@
 """How well each feature schema predicts a stage's correctness after its draft, out of fold.
 
     python benchmarks/probe_auroc.py [--data_dir data/cascade] [--stages 0 1 2] [--C 0.1]
-        [--task humaneval]
+        [--task humaneval [gsm_symbolic ...]]
 
 Per stage, over every labelled record of that stage with a ground-truth score: a logistic
 regression (standardised features, L2 strength ``1/C``; ``prompt_router_auroc.out_of_fold``)
 fitted on 4 folds scores the 5th, folds by ``replay.fold_of(id, 5)`` as every replay
-evaluation (``--task``: only that task's records, fitted and scored within it, where task
-identity cannot help). Three inputs: ``topk-v1`` (the record's log-prob statistics),
-``probe-v1`` (the stage model's pooled hidden states over its answer, from the sidecar
+evaluation (``--task``: only these tasks' records, fitted and scored within them; one task
+alone is where task identity cannot help). Three inputs: ``topk-v1`` (the record's log-prob
+statistics), ``probe-v1`` (the stage model's pooled hidden states over its answer, from the sidecar
 ``python cli.py probe`` writes) and both concatenated. A stage without a probe sidecar, or
 with a stale or incomplete one, is printed as missing with the reason, never dropped
 silently. Each gain over ``topk-v1`` comes with a paired bootstrap 95% interval over records
@@ -51,12 +51,13 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="*", default=None,
                     help="stages to report (default: every labelled stage)")
     ap.add_argument("--C", type=float, default=0.1, help="inverse L2 strength")
-    ap.add_argument("--task", default=None, help="only this task's records (default: all)")
+    ap.add_argument("--task", nargs="+", default=None,
+                    help="only these tasks' records (default: all)")
     args = ap.parse_args()
 
     labelled = sorted({int(p.name[5:].split("-", 1)[0]) for p in record_files(args.data_dir)})
     schema = build_schema("topk", max(labelled) + 1)
-    where = f"{args.data_dir}{f' (task {args.task})' if args.task else ''}"
+    where = args.data_dir + (f" (tasks {', '.join(args.task)})" if args.task else "")
     print(f"{where}: {FOLDS}-fold out-of-fold logistic regression (standardised, C={args.C}), "
           "folds by prompt id")
     print(f"| stage | model | n (correct) | AUROC {schema.id} | AUROC {PROBE_SCHEMA} | AUROC both "
@@ -65,7 +66,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for k in args.stages if args.stages is not None else labelled:
         rows = [r for r in stage_rows(args.data_dir, k) if r["correct"] is not None
-                and args.task in (None, r["task"])]
+                and (not args.task or r["task"] in args.task)]
         ids = [r["id"] for r in rows]
         y = np.array([float(r["correct"]) for r in rows])
         folds = np.array([fold_of(i, FOLDS) for i in ids])

@@ -9,14 +9,26 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_shipped_records
 from toolkit.cascade import replay
 from toolkit.cascade.features import build_schema
 from toolkit.cascade.prompt_table import PromptTable, load_prompt_table
 
+# The CLI replays read a cut of the shipped records of about this many prompts (an equal share
+# per task), so the default test run stays a few minutes however large the labelled set grows.
+PROMPTS = 360
 
-def _run(method: str) -> dict:
-    proc = subprocess.run([sys.executable, "cli.py", "test", "--method", method], cwd=REPO,
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    tasks = [p for p in (REPO / "data" / "cascade").iterdir() if list(p.glob("stage*.jsonl"))]
+    return copy_shipped_records(tmp_path_factory.mktemp("records"),
+                                per_task=PROMPTS // len(tasks))
+
+
+def _run(method: str, records) -> dict:
+    proc = subprocess.run([sys.executable, "cli.py", "test", "--method", method,
+                           "--model.data_dir", str(records)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("results: ")][-1]
@@ -27,12 +39,12 @@ def _run(method: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def table():
-    return load_prompt_table(REPO / "data" / "cascade")
+def table(records):
+    return load_prompt_table(records)
 
 
-def test_baselines_through_cli_write_results(table):
-    top, oracle = _run("always-top"), _run("oracle")
+def test_baselines_through_cli_write_results(table, records):
+    top, oracle = _run("always-top", records), _run("oracle", records)
     for r in (top, oracle):
         assert r["schema_version"] == 1 and r["data"]["n"] == len(table.ids)
         assert set(r["metrics"]["accuracy"]) == {"value", "ci95", "n"}
@@ -132,13 +144,13 @@ def test_ablation_schemas_are_subsets_of_full():
     assert not any("logprob" in n or "margin" in n for n in build_schema("no_logprobs").names)
 
 
-def test_two_processes_equal_one(tmp_path):
+def test_two_processes_equal_one(records):
     """`test` over 2 CPU ranks (gloo, ddp_fork) writes the same rows and metrics as 1 rank."""
     out = {}
     for devices, strategy in ((1, "auto"), (2, "ddp_fork")):
         proc = subprocess.run([sys.executable, "cli.py", "test", "--method", "oracle-route",
-                               f"--trainer.devices={devices}", f"--trainer.strategy={strategy}",
-                               "--data.batch_size=16"],
+                               "--model.data_dir", str(records), f"--trainer.devices={devices}",
+                               f"--trainer.strategy={strategy}", "--data.batch_size=16"],
                               cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         path = [ln for ln in proc.stdout.splitlines() if ln.startswith("results: ")][-1]
@@ -167,13 +179,14 @@ def test_bad_cascade_input_is_one_line(flags, message, tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(message)
 
 
-def test_routed_method_through_cli_charges_the_router_and_records_the_goal(table):
+def test_routed_method_through_cli_charges_the_router_and_records_the_goal(table, records):
     """`test --method route-only` on the shipped records and embedding sidecar (few λ, 3
     folds): every routed answer pays the router's forward, and the run records the cost at
     which it comes within 1 point of always-top (null when its curve never does)."""
     proc = subprocess.run([sys.executable, "cli.py", "test", "--method", "route-only",
-                           "--model.sweep", "[1.0, 50.0]", "--model.budgets", "[0.5]",
-                           "--model.folds", "3", "--model.peers", "[threshold]"],
+                           "--model.data_dir", str(records), "--model.sweep", "[1.0, 50.0]",
+                           "--model.budgets", "[0.5]", "--model.folds", "3",
+                           "--model.peers", "[threshold]"],
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     path = [ln for ln in proc.stdout.splitlines() if ln.startswith("results: ")][-1]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_shipped_records
 from toolkit import cli
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -198,23 +198,7 @@ def test_library_never_imports_the_cli():
 @pytest.fixture(scope="module")
 def small_records(tmp_path_factory) -> Path:
     """The shipped records cut to 6 prompts per split and task (every stage of each prompt)."""
-    out = tmp_path_factory.mktemp("records")
-    for task_dir in sorted(p for p in (REPO / "data" / "cascade").iterdir() if p.is_dir()):
-        files = sorted(task_dir.glob("stage*.jsonl"))
-        if not files:
-            continue
-        per_split: dict[str, int] = {}
-        keep = set()
-        for line in files[0].read_text().splitlines():
-            row = json.loads(line)
-            if per_split.get(row["split"], 0) < 6:
-                keep.add(row["id"])
-                per_split[row["split"]] = per_split.get(row["split"], 0) + 1
-        (out / task_dir.name).mkdir()
-        for f in files:
-            rows = [ln for ln in f.read_text().splitlines() if json.loads(ln)["id"] in keep]
-            (out / task_dir.name / f.name).write_text("\n".join(rows) + "\n")
-    return out
+    return copy_shipped_records(tmp_path_factory.mktemp("records"), per_split=6)
 
 
 def _one_line_error(*args: str) -> str:
@@ -227,6 +211,10 @@ def _one_line_error(*args: str) -> str:
     return errors[0]
 
 
+def _tasks(records: Path) -> int:
+    return len([p for p in records.iterdir() if list(p.glob("stage*.jsonl"))])
+
+
 def test_model_data_dir_alone_moves_the_data_module_too(small_records, runs_root, capsys):
     """18.1: `--model.data_dir X` without `--data.data_dir` runs on X (it used to end in a
     Lightning traceback about merging hparams)."""
@@ -234,7 +222,8 @@ def test_model_data_dir_alone_moves_the_data_module_too(small_records, runs_root
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("run directory")]
     run = Path(line[-1].split(": ", 1)[1].strip())
     results = json.loads((run / "results.json").read_text())
-    assert results["data"]["name"] == str(small_records) and results["data"]["n"] == 36
+    assert results["data"]["name"] == str(small_records)
+    assert results["data"]["n"] == 18 * _tasks(small_records)  # 6 per split and task
     assert results["command"] == ("python cli.py test --method always-top --model.data_dir "
                                   f"{small_records}")
     last = _one_line_error("test", "--method", "always-top", "--model.data_dir",
