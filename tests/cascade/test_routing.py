@@ -118,3 +118,69 @@ def test_one_router_cell_is_todays_cascade_and_the_router_is_charged():
         s, c, lams = route_replay.routed_at_budget(method, t, cv, rs, 0.5)
         assert len(lams) == 5 and (c >= 0.01).all()
         assert c.mean() <= 0.5 + 0.15, method  # tuned on calibration folds only
+
+
+def _instance(seed: int, n: int = 150, L: int = 3):
+    rng = np.random.default_rng(seed)
+    Y = (rng.random((n, L)) < [0.2, 0.5, 0.7][:L]).astype(float)
+    C = np.tile([0.1, 0.35, 1.0][:L], (n, 1)) * rng.uniform(0.8, 1.2, (n, L))
+    P = np.clip(Y * 0.3 + rng.random((n, L)) * 0.7, 0, 1)
+    return P, Y, C, rng.choice(["a", "b", "c", "d"], n)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_final_entry_contains_route_only_and_the_pooled_policy(seed):
+    """With pooled post-draft decisions, ``final_entry`` lets each group either follow the
+    pooled table after its entry or answer with its entry stage at once. Its calibration
+    value is the per-group minimum of the two (brute force over both option sets), so it is
+    never worse than route-only (naive per-group argmin) nor than the pooled policy alone,
+    and replaying it realises that value."""
+    P, Y, C, groups = _instance(seed)
+    lam = 2.0
+    pooled = fit_policy(P, Y, C, lam, groups=groups, shared_decisions=True)
+    both = fit_policy(P, Y, C, lam, groups=groups, shared_decisions=True, final_entry=True)
+    total = 0.0
+    for g in np.unique(groups):
+        m = groups == g
+        at_once = [float(np.sum(C[m, s] + lam * (1 - Y[m, s]))) for s in range(3)]
+        follow = []
+        for s in range(3):  # realised value of entering at s and following the pooled table
+            entered = pooled.__class__(**{**pooled.__dict__, "entry": {"": s}})
+            ev = evaluate(entered, P[m], Y[m], C[m])
+            follow.append(float(np.sum(ev["cost"] + lam * (1 - ev["correct"]))))
+        total += min(min(at_once), min(follow))
+        if min(at_once) < min(follow):
+            assert g in both.final_groups and both.first_stage(g) == int(np.argmin(at_once))
+    assert both.expected_value == pytest.approx(total / len(Y))
+    route_only = fit_policy(P, Y, C, lam, groups=groups, escalate=False)
+    assert both.expected_value <= route_only.expected_value + 1e-12
+    assert both.expected_value <= pooled.expected_value + 1e-12
+    ev = evaluate(both, P, Y, C, groups)
+    assert np.mean(ev["cost"] + lam * (1 - ev["correct"])) == pytest.approx(both.expected_value)
+    for g in both.final_groups:  # a final group never escalates
+        assert (ev["ran"][groups == g].sum(1) == 1).all()
+    back = policy_from_dict(policy_to_dict(both))
+    assert back.final_groups == both.final_groups
+    assert np.array_equal(evaluate(back, P, Y, C, groups)["stage"], ev["stage"])
+
+
+def test_route_cells_hold_the_continuous_router_among_their_policies():
+    """Cells = the route-only rule's own pick at λ: a naive loop gives the same labels, and
+    the solved cascade-routing policy on those cells is, on its calibration prompts, at least
+    as good as the continuous router (cost_k + λ(1 − Y_k) at each prompt's routed stage)."""
+    from toolkit.cascade import route_replay
+
+    rng = np.random.default_rng(5)
+    P, Y, C, _ = _instance(5, n=200)
+    R = np.clip(Y * 0.4 + rng.random(Y.shape) * 0.6, 0, 1)
+    mean_c = C.mean(0)
+    for lam in (0.5, 2.0, 8.0):
+        naive = [f"route:{min(range(3), key=lambda k: mean_c[k] + lam * (1 - r[k]))}"
+                 for r in R]
+        assert routing.route_cells(R, mean_c, lam).tolist() == naive
+        cfg = route_replay.RoutingConfig(cells="route", final_entry=True)
+        fitted = route_replay.fit_routed_policy("cascade-routing", P, Y, C, R, cfg, lam=lam)
+        assert fitted.cells(R).tolist() == naive
+        s = routing.route_decisions(R, mean_c, lam)
+        router_value = np.mean(C[np.arange(len(Y)), s] + lam * (1 - Y[np.arange(len(Y)), s]))
+        assert fitted.policy.expected_value <= router_value + 1e-12

@@ -74,8 +74,13 @@ def offline_routes(bundle_dir, prompts):
                               b.decoding)
     E, flops = embedder.embed(prompts)
     R = b.router.predict(E.astype(np.float16).astype(np.float32))  # as the sidecar stores it
-    cells = routing.cell_labels(R, spec["cells"]["stages"],
-                                [np.asarray(e) for e in spec["cells"]["edges"]])
+    rule = spec["cells"]
+    if rule.get("rule") == "route":  # the route-only pick at the stored λ, a naive argmin
+        cost, lam = rule["stage_cost"], rule["lambda"]
+        cells = np.array([f"route:{min(range(len(r)), key=lambda k: cost[k] + lam * (1 - r[k]))}"
+                          for r in R])
+    else:
+        cells = routing.cell_labels(R, rule["stages"], [np.asarray(e) for e in rule["edges"]])
     entry = [b.policy.for_key(prompt_key(p)).first_stage(str(c)) for p, c in zip(prompts, cells)]
     return entry, cells.tolist(), R, flops
 
@@ -174,21 +179,25 @@ def test_another_embedding_model_is_refused_at_start_in_one_line(routed, tmp_pat
     assert e.value.code == 2 and "sha256 ffffffffffff" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("method", ["cascade-routing", "route-only", "predictor-heads"])
+@pytest.mark.parametrize("method", ["cascade-routing", "route-only", "predictor-heads",
+                                    "route-cells"])
 def test_live_cascade_enters_where_the_router_says(routed, method, tmp_path):
     """The offline live cascade routes with the same code: each prompt's first stage run is
     its offline entry stage, its cost includes the embedding forward, and a route-only bundle
     answers with the entry stage. ``predictor-heads``: cascade routing whose router is the
     router heads of the bundle's own predictor (one ONNX file, no router.npz), whose
-    post-draft heads read the routed prompt's embedding."""
+    post-draft heads read the routed prompt's embedding. ``route-cells``: cells are the
+    route-only rule's pick (``cells: route``, ``final_entry: true``), recomputed here by a
+    naive argmin from the λ and stage costs the bundle stores."""
     from toolkit import cli
 
     tmp, cfg, stages, _ = routed
     folder = tmp / "rbundle"
     if method != "cascade-routing":
         folder = tmp_path / method
-        routing = {**ROUTING, "method": method} if method == "route-only" else \
-            {**ROUTING, "router": "predictor"}
+        routing = {"route-only": {**ROUTING, "method": method},
+                   "predictor-heads": {**ROUTING, "router": "predictor"},
+                   "route-cells": {**ROUTING, "cells": "route", "final_entry": True}}[method]
         cfg = write_config(tmp_path / "ro.yaml", folder, stages, build={
             "records": str(tmp / "rec"), "train_steps": 100, "lam": 2.5, "routing": routing})
         cli.main(["serve", "--config", str(cfg), "--build_bundle", "true"])
@@ -196,6 +205,10 @@ def test_live_cascade_enters_where_the_router_says(routed, method, tmp_path):
         meta = json.loads((folder / "bundle.json").read_text())
         assert meta["router"]["kind"] == "predictor" and not (folder / "router.npz").exists()
         assert meta["router"]["file"] == "predictor.onnx"
+    if method == "route-cells":
+        meta = json.loads((folder / "bundle.json").read_text())
+        assert meta["router"]["cells"]["rule"] == "route" and meta["router"]["final_entry"]
+    if method in ("predictor-heads", "route-cells"):
         method = "cascade-routing"
     prompts = SHORT[:3] + LONG[:3]
     b, out = live_run(folder, stages, prompts)
@@ -207,6 +220,19 @@ def test_live_cascade_enters_where_the_router_says(routed, method, tmp_path):
         assert r.cost_flops == pytest.approx(sum(t.cost_flops for t in r.trace) + f)
         if method == "route-only":
             assert r.stopped_at_stage == e and len(r.trace) == 1
+    if b.meta["router"]["cells"].get("rule") == "route":  # LAMBDA_VALUE moves route cells too
+        from toolkit.cascade.stopping import fit_policy
+
+        cal = b.calibration
+        refit = b.refit_lambda(10.0)
+        assert b.meta["router"]["cells"]["lambda"] == 10.0
+        cost = b.meta["router"]["cells"]["stage_cost"]
+        naive = [f"route:{min(range(len(r)), key=lambda k: cost[k] + 10.0 * (1 - r[k]))}"
+                 for r in cal["R"]]
+        again = fit_policy(np.asarray(cal["P"]), np.asarray(cal["Y"]), np.asarray(cal["C"]),
+                           10.0, n_bins=b.meta["policy_fit"]["n_bins"], groups=np.array(naive),
+                           shared_decisions=True, final_entry=True)
+        assert refit.entry == again.entry and refit.final_groups == again.final_groups
 
 
 def test_served_predictor_heads_bundle_equals_the_live_cascade(routed, tmp_path):

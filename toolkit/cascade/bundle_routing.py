@@ -15,7 +15,8 @@ the stopping policy decides as in any bundle. Fitting mirrors the replay of
 
 Everything is stored as plain files: ``router.npz`` (the router's arrays, no pickle) and the
 ``router`` section of ``bundle.json`` (embedding model slug, sha256, layers, pooling, chat
-formatting; cell stages and edges; how the policy was fitted).
+formatting; the cell rule: stages and edges, or the route rule's λ and stage costs; how the
+policy was fitted).
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ class RouterRecipe:
     """Stages whose predicted correctness defines a cell; None = every stage."""
     bins: int = 2
     """Quantile bins of each of those predictions."""
+    cells: str = "quantile"
+    """quantile (bins of ``stages``' predictions) or route (a cell is the stage the
+    route-only rule picks at the policy's λ; ``routing.CellRule``)."""
+    final_entry: bool = False
+    """A cell may answer with its entry stage and never escalate (pooled decisions only)."""
     per_cell_decisions: bool = False
     """Post-draft decisions per cell too (else one pooled table; cells hold few prompts)."""
     folds: int = 5
@@ -72,6 +78,9 @@ class RouterRecipe:
         if self.router not in (*routing.ROUTERS, "predictor"):
             raise BundleError(f"build.routing.router must be one of "
                               f"{(*routing.ROUTERS, 'predictor')}, got {self.router!r}")
+        if self.cells not in routing.CELL_RULES:
+            raise BundleError(f"build.routing.cells must be one of {routing.CELL_RULES}, got "
+                              f"{self.cells!r}")
         if self.bins < 1 or self.folds < 2:
             raise BundleError(f"build.routing needs bins >= 1 and folds >= 2, got "
                               f"{self.bins} and {self.folds}")
@@ -143,16 +152,17 @@ def fit_routing(rr: RouterRecipe, table: PromptTable, cal: np.ndarray, P_cal: np
         router = routing.fit_router(rr.router, emb, table.correct, seed)
     held = table.subset(cal)
     embed_cost = flops[cal] / held.flops[:, -1].mean()
-    cfg = RoutingConfig(cell_stages, rr.bins, n_bins, rr.per_cell_decisions)
+    cfg = RoutingConfig(cell_stages, rr.bins, n_bins, rr.per_cell_decisions, rr.cells,
+                        rr.final_entry)
     routed = fit_routed_policy(
         rr.method, P_cal, held.correct, held.cost, R_oof[cal], cfg, lam=lam,
         budget=None if budget is None else budget - float(embed_cost.mean()), mix=mix)
     section = {"file": "predictor.onnx" if router is None else "router.npz",
                "kind": rr.router, "method": rr.method,
                "embedding": spec,
-               "cells": {"stages": list(cell_stages), "bins": rr.bins,
-                         "edges": [e.tolist() for e in routed.edges]},
-               "per_cell_decisions": rr.per_cell_decisions, "folds": rr.folds,
+               "cells": {**routed.rule.to_dict(), "bins": rr.bins},
+               "per_cell_decisions": rr.per_cell_decisions, "final_entry": rr.final_entry,
+               "folds": rr.folds,
                "train_prompts": len(table.ids) if router is not None
                else int((table.splits == "train").sum()),
                "sidecar": str(Path(records) / "prompt_embeddings" / f"{spec['slug']}.npz"),

@@ -75,6 +75,10 @@ class CascadeReplayEval(EvaluationModule):
             sidecar ``<data_dir>/prompt_embeddings/<slug>.npz``, ``python cli.py embed``).
         router_stages: stages whose predicted correctness defines a prompt's cell.
         router_bins: quantile bins of each of those predictions.
+        router_cells: ``quantile`` (cells from ``router_stages`` × ``router_bins``) or
+            ``route`` (a cell is the stage the route-only rule picks at the policy's λ).
+        final_entry: a cell may answer with its entry stage and never escalate, so
+            cascade-routing's policies include route-only's on the same cells.
         peers: the learned methods compared at every budget, beside the run's own.
         leave_family_out: cross-validate by task family instead of by prompt: each family's
             prompts are decided by a predictor, router and policy fitted on the other families
@@ -91,6 +95,7 @@ class CascadeReplayEval(EvaluationModule):
                  random_seeds: int = 3, router: str = "logistic",
                  router_model: str = "smollm2-135m-instruct",
                  router_stages: list[int] | None = None, router_bins: int = 2,
+                 router_cells: str = "quantile", final_entry: bool = False,
                  peers: list[str] | None = None, leave_family_out: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -107,6 +112,9 @@ class CascadeReplayEval(EvaluationModule):
             raise CascadeInputError(f"lam must be > 0, got {hp.lam}")
         if self.budgets and min(self.budgets) <= 0:
             raise CascadeInputError(f"budgets must be > 0, got {self.budgets}")
+        if hp.router_cells not in ("quantile", "route"):
+            raise CascadeInputError(f"router_cells must be 'quantile' or 'route', got "
+                                    f"{hp.router_cells!r}")
         if hp.router not in ("predictor", *routing.ROUTERS):
             raise CascadeInputError(f"unknown router {hp.router!r}; choose from "
                                     f"{('predictor', *routing.ROUTERS)}")
@@ -226,7 +234,8 @@ class CascadeReplayEval(EvaluationModule):
             self.cv_prompt if k == "predictor" else self.cv, emb, t.correct, embed_cost, k,
             hp.seed) for k in sorted(kinds)}
         cfg = route_replay.RoutingConfig(tuple(hp.router_stages or (0, 1, 2)), hp.router_bins,
-                                         hp.n_bins)
+                                         hp.n_bins, cells=hp.router_cells,
+                                         final_entry=hp.final_entry)
         self.routing_cfg = cfg
         for m in routed:
             rs, cv = self._router_of(m), self._cv_of(m)

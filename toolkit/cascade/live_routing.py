@@ -100,17 +100,16 @@ class PromptRouter:
     Args:
         embedder: a ``PromptEmbedder`` loaded with the bundle's embedding model and layers.
         router: the fitted router (``routing.Router``, or ``HeadsRouter``).
-        stages: the stages whose predictions define a cell.
-        edges: the inner bin edges of each of those stages' predictions.
+        cells: the rule that puts a prompt's predictions in a cell (``routing.CellRule``).
     """
 
-    def __init__(self, embedder: Any, router: routing.Router | HeadsRouter, stages: Sequence[int],
-                 edges: Sequence[np.ndarray]) -> None:
+    def __init__(self, embedder: Any, router: routing.Router | HeadsRouter,
+                 cells: routing.CellRule) -> None:
         if embedder.dim != router.dim:
             raise EmbeddingModelError(f"the embedding model gives {embedder.dim}-wide "
                                       f"embeddings, the router reads {router.dim}")
         self.embedder, self.router = embedder, router
-        self.stages, self.edges = list(stages), [np.asarray(e) for e in edges]
+        self.cells = cells
 
     def route(self, prompts: Sequence[str | Messages], policies: Sequence[StoppingPolicy]
               ) -> list[Route]:
@@ -119,7 +118,7 @@ class PromptRouter:
         emb, flops = self.embedder.embed(list(prompts))
         emb = emb.astype(np.float16).astype(np.float32)  # as the sidecar stores it
         R = self.router.predict(emb)
-        cells = routing.cell_labels(R, self.stages, self.edges)
+        cells = self.cells.labels(R)
         return [Route(pol.first_stage(str(c)), str(c), [float(x) for x in r], float(f), e)
                 for pol, c, r, f, e in zip(policies, cells, R, flops, emb)]
 
@@ -138,5 +137,4 @@ def load_prompt_router(spec: dict[str, Any], router: routing.Router | HeadsRoute
     if list(embedder.layers) != list(emb["layers"]):
         raise EmbeddingModelError(f"embedding layers {list(embedder.layers)} differ from "
                                   f"the router's {emb['layers']}")
-    cells = spec["cells"]
-    return PromptRouter(embedder, router, cells["stages"], cells["edges"])
+    return PromptRouter(embedder, router, routing.CellRule.from_dict(spec["cells"]))

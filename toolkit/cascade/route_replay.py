@@ -81,6 +81,14 @@ class RoutingConfig:
     per_cell_decisions: bool = False
     """Solve the post-draft decisions per cell too (exact per cell, but cells hold few
     calibration prompts); False: one pooled post-draft table, the entry stage per cell."""
+    cells: str = "quantile"
+    """``quantile``: cells are the quantile bins of ``stages``' R (``bins`` each);
+    ``route``: a cell is the stage the route-only rule picks (``routing.route_cells``) at the
+    policy's λ, or under a budget at the largest λ whose routed calibration cost meets it."""
+    final_entry: bool = False
+    """With pooled post-draft decisions, a cell may also answer with its entry stage and never
+    escalate (``fit_policy(final_entry=True)``): the route-only policy on the same cells is
+    then one of the policies the solver chooses from."""
 
 
 def policy_kwargs(method: str, cfg: RoutingConfig) -> dict[str, bool]:
@@ -88,21 +96,22 @@ def policy_kwargs(method: str, cfg: RoutingConfig) -> dict[str, bool]:
     if method not in ("route-only", "cascade-routing"):
         raise ValueError(f"not a cell-based routing method: {method!r}")
     escalate = method == "cascade-routing"
-    return {"escalate": escalate, "shared_decisions": escalate and not cfg.per_cell_decisions}
+    shared = escalate and not cfg.per_cell_decisions
+    return {"escalate": escalate, "shared_decisions": shared,
+            "final_entry": shared and cfg.final_entry}
 
 
 @dataclass
 class RoutedPolicy:
-    """A cell-based policy and the cells it was fitted on: edges of each cell stage's R (from
-    the calibration prompts' R), so a new prompt's cell is ``cells(R)``."""
+    """A cell-based policy and the rule of the cells it was fitted on (made from the
+    calibration prompts' R), so a new prompt's cell is ``cells(R)``."""
 
     policy: AnyPolicy
-    stages: tuple[int, ...]
-    edges: list[np.ndarray]
+    rule: routing.CellRule
     info: dict[str, Any]
 
     def cells(self, R: np.ndarray) -> np.ndarray:
-        return routing.cell_labels(R, list(self.stages), self.edges)
+        return self.rule.labels(R)
 
 
 def fit_routed_policy(method: str, P_cal: np.ndarray, Y_cal: np.ndarray, C_cal: np.ndarray,
@@ -115,17 +124,24 @@ def fit_routed_policy(method: str, P_cal: np.ndarray, Y_cal: np.ndarray, C_cal: 
     ``mix``). The one fitting code of replay and of serving bundles."""
     if (lam is None) == (budget is None):
         raise ValueError("give exactly one of lam and budget")
-    stages = tuple(cfg.stages)
-    edges = routing.cell_edges(R_cal, list(stages), cfg.bins)
-    groups = routing.cell_labels(R_cal, list(stages), edges)
+    if cfg.cells == "route":  # the route-only rule's own pick, at λ or at the budget's λ
+        mean_c = C_cal.mean(0)
+        lam_r = lam if lam is not None else _largest_lambda(
+            partial(_route_mean_cost, R=R_cal, C=C_cal, mean_c=mean_c), budget)
+        rule = routing.CellRule("route", lam=float(lam_r), cost=mean_c)
+    elif cfg.cells == "quantile":
+        rule = routing.CellRule.quantile(R_cal, tuple(cfg.stages), cfg.bins)
+    else:
+        raise ValueError(f"cells must be one of {routing.CELL_RULES}, got {cfg.cells!r}")
+    groups = rule.labels(R_cal)
     kwargs = policy_kwargs(method, cfg)
     if budget is None:
         pol: AnyPolicy = fit_policy(P_cal, Y_cal, C_cal, lam, n_bins=cfg.n_bins, groups=groups,
                                     **kwargs)
-        return RoutedPolicy(pol, stages, edges, {"lambda": lam})
+        return RoutedPolicy(pol, rule, {"lambda": lam})
     pol, info = calibrate_lambda(P_cal, Y_cal, C_cal, budget, groups=groups,
                                  n_bins=cfg.n_bins, iters=iters, mix=mix, **kwargs)
-    return RoutedPolicy(pol, stages, edges, info)
+    return RoutedPolicy(pol, rule, info)
 
 
 def routed(method: str, t: PromptTable, cv: CvScores, rs: RouterScores, lam: float,

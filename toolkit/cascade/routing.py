@@ -16,17 +16,21 @@ Two ways to use R:
 
 * **route only** (``route_decisions``): answer with the stage minimising
   ``cost_k + λ · (1 − R_k)``; no draft is ever looked at;
-* **cascade routing** (``router_cells`` + ``stopping.fit_policy``): the router's predictions
-  put each prompt in a cell (quantile bins of chosen stages' R); the stopping policy is solved
-  exactly per cell on calibration data, so the entry stage and every post-draft decision are
-  chosen per prompt from what the router saw. ``escalate=False`` in ``fit_policy`` turns the
-  same solver into a binned route-only policy; cells by task give today's cascade.
+* **cascade routing** (a ``CellRule`` + ``stopping.fit_policy``): the router's predictions
+  put each prompt in a cell; the stopping policy is solved exactly per cell on calibration
+  data, so the entry stage and every post-draft decision are chosen per prompt from what the
+  router saw. Cells are either quantile bins of chosen stages' R, or the stage the route-only
+  rule itself picks (``route_cells``): with ``final_entry`` the solver may then keep the
+  continuous router's choice for a cell, or escalate after its draft where calibration says
+  that pays. ``escalate=False`` in ``fit_policy`` turns the same solver into a cell-wise
+  route-only policy; cells by task give today's cascade.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -193,6 +197,13 @@ def route_decisions(R: np.ndarray, cost: np.ndarray, lam: float) -> np.ndarray:
     return np.argmin(cost + lam * (1.0 - R), axis=1)
 
 
+def route_cells(R: np.ndarray, cost: np.ndarray, lam: float) -> np.ndarray:
+    """Cell label of each prompt when cells are the route-only decision itself: the stage
+    ``route_decisions`` picks at ``lam`` (``"route:1"``), so a policy solved per cell can
+    reproduce the continuous router and depart from it where calibration says so."""
+    return np.array([f"route:{s}" for s in route_decisions(R, cost, lam)])
+
+
 def cell_edges(R_cal: np.ndarray, stages: list[int], n_bins: int) -> list[np.ndarray]:
     """Inner quantile edges (on calibration prompts) of each chosen stage's R."""
     return [np.unique(np.quantile(R_cal[:, s], np.linspace(0, 1, n_bins + 1)[1:-1]))
@@ -212,3 +223,48 @@ def router_cells(R_cal: np.ndarray, R: np.ndarray, stages: list[int], n_bins: in
     each chosen stage's R, joined (e.g. ``"1:2|2:0"``)."""
     edges = cell_edges(R_cal, stages, n_bins)
     return cell_labels(R_cal, stages, edges), cell_labels(R, stages, edges)
+
+
+CELL_RULES = ("quantile", "route")
+
+
+@dataclass
+class CellRule:
+    """How a prompt's router predictions ``R`` [N, L] pick its cell; stored in bundles.
+
+    ``quantile``: the bin of each of ``stages``' R between ``edges`` (inner quantiles of the
+    calibration prompts' R), joined as ``"1:2|2:0"``. ``route``: the stage the route-only rule
+    picks at ``lam`` with mean stage costs ``cost`` (``"route:1"``)."""
+
+    kind: str = "quantile"
+    stages: tuple[int, ...] = ()
+    edges: list[np.ndarray] = field(default_factory=list)
+    lam: float | None = None
+    cost: np.ndarray | None = None
+
+    @classmethod
+    def quantile(cls, R_cal: np.ndarray, stages: tuple[int, ...], bins: int) -> CellRule:
+        return cls("quantile", tuple(stages), cell_edges(R_cal, list(stages), bins))
+
+    def labels(self, R: np.ndarray) -> np.ndarray:
+        if self.kind == "route":
+            return route_cells(R, np.asarray(self.cost), float(self.lam))
+        return cell_labels(R, list(self.stages), self.edges)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"rule": self.kind, "stages": list(self.stages),
+                             "edges": [e.tolist() for e in self.edges]}
+        if self.kind == "route":
+            d.update({"lambda": self.lam, "stage_cost": np.asarray(self.cost).tolist()})
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CellRule:
+        kind = d.get("rule", "quantile")  # bundles before route cells carry quantile edges
+        if kind not in CELL_RULES:
+            raise ValueError(f"unknown cell rule {kind!r}; known: {CELL_RULES}")
+        route = kind == "route"
+        return cls(kind, tuple(int(s) for s in d.get("stages", ())),
+                   [np.asarray(e, dtype=np.float64) for e in d.get("edges", ())],
+                   float(d["lambda"]) if route else None,
+                   np.asarray(d["stage_cost"], dtype=np.float64) if route else None)

@@ -105,6 +105,7 @@ class StoppingPolicy:
     expected_value: float = float("nan")
     meta: dict[str, Any] = field(default_factory=dict)
     escalate: bool = True  # False: answer with the entry stage (a route-only policy)
+    final_groups: tuple[str, ...] = ()  # groups whose entry stage's answer is final
 
     @property
     def num_stages(self) -> int:
@@ -122,7 +123,7 @@ class StoppingPolicy:
 
     def decide(self, stage: int, history: History, group: str = "") -> Decision:
         """What to do after ``stage`` ran; ``history`` already includes (stage, its bin)."""
-        if stage == self.num_stages - 1 or not self.escalate:
+        if stage == self.num_stages - 1 or not self.escalate or group in self.final_groups:
             return Decision("stop", None, float("nan"), float("inf"), 0)
         table = self.decisions.get(group, self.decisions.get("", {}))
         return table.get(history) or self.stage_fallback[stage]
@@ -195,7 +196,7 @@ def _adjusted_acc(y: np.ndarray, prior: tuple[float, float] | None) -> float:
 def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: int = 3,
                groups: np.ndarray | None = None, risk_prior: tuple[float, float] | None = None,
                allow_skip: bool = True, escalate: bool = True,
-               shared_decisions: bool = False) -> StoppingPolicy:
+               shared_decisions: bool = False, final_entry: bool = False) -> StoppingPolicy:
     """Solve the stopping policy on calibration prompts.
 
     Args:
@@ -213,6 +214,9 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
         shared_decisions: one post-draft decision table for every group, solved on all
             prompts pooled; only the entry stage is chosen per group (from the pooled
             policy's realised values in the group). Fewer parameters when groups are small.
+        final_entry: with ``shared_decisions``, a group may also answer with its entry stage
+            and never escalate (the pooled table's post-draft decisions may not suit it); so
+            the policy class contains the route-only policy on the same groups.
     """
     if lam <= 0 or not np.isfinite(lam):
         raise ValueError(f"lambda must be a positive number, got {lam}")
@@ -271,12 +275,20 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
     entry: dict[str, int] = {}
     decisions: dict[str, dict[History, Decision]] = {}
     total = 0.0
+    final: list[str] = []
     if shared_decisions:  # one pooled table; the entry per group from its realised values
         decisions[""] = {}
         pooled = solve(np.arange(N), decisions[""])
         entry[""], _ = best_entry(pooled, slice(None))
+        # Answering with the entry stage, whatever its draft looks like (route only).
+        at_once = {s: C[:, s] + lam * (1.0 - Y[:, s]) for s in pooled}
         for g in np.unique(groups):
             entry[str(g)], value = best_entry(pooled, groups == g)
+            if final_entry and escalate:
+                s, v = best_entry(at_once, groups == g)
+                if v < value:
+                    entry[str(g)], value = s, v
+                    final.append(str(g))
             total += value
     else:
         for g in np.unique(groups):
@@ -300,7 +312,7 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
     for k in range(L - 1):
         stage_fallback.setdefault(k, Decision("go", k + 1, float("nan"), float("nan"), 0))
     return StoppingPolicy(lam, edges, entry, decisions, stage_fallback, risk_prior, total / N,
-                          escalate=escalate)
+                          escalate=escalate, final_groups=tuple(final))
 
 
 def evaluate(policy: AnyPolicy, P: np.ndarray, Y: np.ndarray, C: np.ndarray,
@@ -389,7 +401,8 @@ def policy_to_dict(p: AnyPolicy) -> dict[str, Any]:
                           for g, table in p.decisions.items() for hist, d in table.items()],
             "stage_fallback": {str(k): dec(d) for k, d in p.stage_fallback.items()},
             "risk_prior": list(p.risk_prior) if p.risk_prior else None,
-            "expected_value": p.expected_value, "meta": p.meta, "escalate": p.escalate}
+            "expected_value": p.expected_value, "meta": p.meta, "escalate": p.escalate,
+            "final_groups": list(p.final_groups)}
 
 
 def policy_from_dict(d: dict[str, Any]) -> AnyPolicy:
@@ -412,4 +425,4 @@ def policy_from_dict(d: dict[str, Any]) -> AnyPolicy:
         d["lam"], [np.asarray(e) for e in d["bin_edges"]], dict(d["entry"]), tables,
         {int(k): dec(v) for k, v in d["stage_fallback"].items()},
         tuple(d["risk_prior"]) if d["risk_prior"] else None, d["expected_value"],
-        d.get("meta", {}), bool(d.get("escalate", True)))
+        d.get("meta", {}), bool(d.get("escalate", True)), tuple(d.get("final_groups", ())))

@@ -72,11 +72,22 @@ class Bundle:
         return DecodingConfig(**self.meta["decoding"])
 
     def refit_lambda(self, lam: float) -> StoppingPolicy:
-        """The policy at another λ, fitted on the bundle's own calibration table."""
+        """The policy at another λ, fitted on the bundle's own calibration table. Route
+        cells (the route-only rule's pick at λ) move with λ, as in replay: the router section
+        of ``meta`` then holds the new λ, and the calibration prompts' cells are recomputed."""
+        from toolkit.cascade.routing import CellRule
+
         cal, fit = self.calibration, self.meta["policy_fit"]
-        routed = {} if self.router is None else {
-            "groups": np.asarray(cal["cells"]), "escalate": bool(fit["escalate"]),
-            "shared_decisions": bool(fit["shared_decisions"])}
+        routed = {}
+        if self.router is not None:
+            cells = np.asarray(cal["cells"])
+            spec = self.meta["router"]["cells"]
+            if spec.get("rule") == "route":
+                spec["lambda"] = float(lam)
+                cells = CellRule.from_dict(spec).labels(np.asarray(cal["R"]))
+            routed = {"groups": cells, "escalate": bool(fit["escalate"]),
+                      "shared_decisions": bool(fit["shared_decisions"]),
+                      "final_entry": bool(fit.get("final_entry", False))}
         return fit_policy(np.asarray(cal["P"]), np.asarray(cal["Y"]), np.asarray(cal["C"]),
                           lam, n_bins=int(fit["n_bins"]),
                           allow_skip=bool(fit.get("allow_skip", True)), **routed)
