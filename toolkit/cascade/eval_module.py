@@ -260,8 +260,9 @@ class CascadeReplayEval(EvaluationModule):
             budgets.append(self._compare_at_budget(b, stages, lambdas))
         self.extra["routing"] = {
             "router": hp.router, "router_model": meta.get("slug", hp.router_model),
-            "router_sha256": meta.get("sha256"), "cells": {"stages": list(cfg.stages),
-                                                           "bins": cfg.bins},
+            "router_sha256": meta.get("sha256"), "cells": {
+                "rule": cfg.cells, "stages": list(cfg.stages), "bins": cfg.bins,
+                "final_entry": cfg.final_entry},
             "embed_relative_cost": float(embed_cost.mean()),
             "router_auroc": {k: [float(roc_auc_score(t.correct[:, s], rs.R_test[:, s]))
                                  if 0 < t.correct[:, s].mean() < 1 else None

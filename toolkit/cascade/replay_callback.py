@@ -78,9 +78,7 @@ class CascadeReplayCallback(Callback):
         for k in range(L):
             pl_module.log(f"val/cascade_stage_{k}", float((ev["stage"] == k).mean()))
         if R is not None:
-            # The default of `test --method cascade-routing`: route cells, final entries.
-            cfg = route_replay.RoutingConfig(stages=tuple(range(L)), cells="route",
-                                             final_entry=True)
+            cfg = route_replay.RoutingConfig(stages=tuple(range(L)))
             fitted = route_replay.fit_routed_policy("cascade-routing", P[tr], t.correct[tr],
                                                     C[tr], R[tr], cfg, lam=self.lam)
             ev = evaluate(fitted.policy, P[va], t.correct[va], C[va], fitted.cells(R[va]))

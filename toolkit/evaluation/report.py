@@ -138,8 +138,11 @@ def _routing_tables(r: dict[str, Any]) -> list[str]:
         out += ["", f"Least relative cost within 1 point of always-top on each λ curve: {cells}."]
     auroc = "; ".join(f"{k} " + " / ".join(_num(a) if a is not None else "—" for a in v)
                       for k, v in g["router_auroc"].items())
-    out += ["", f"Router: {g['router']} cells over stages {g['cells']['stages']} × "
-            f"{g['cells']['bins']} bins; prompt embedding by {g['router_model']} costs "
+    c = g["cells"]
+    cells = (f"route cells (the route-only pick at λ){', final entries' * c['final_entry']}"
+             if c.get("rule") == "route" else
+             f"cells over stages {c['stages']} × {c['bins']} bins")
+    out += ["", f"Router: {g['router']} {cells}; prompt embedding by {g['router_model']} costs "
             f"{_num(g['embed_relative_cost'])} of a top-stage call per prompt. Out-of-fold "
             f"router AUROC per stage (0 / 1 / 2): {auroc}."]
     return out
