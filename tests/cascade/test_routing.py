@@ -184,3 +184,32 @@ def test_route_cells_hold_the_continuous_router_among_their_policies():
         s = routing.route_decisions(R, mean_c, lam)
         router_value = np.mean(C[np.arange(len(Y)), s] + lam * (1 - Y[np.arange(len(Y)), s]))
         assert fitted.policy.expected_value <= router_value + 1e-12
+
+
+def test_crossfit_stops_trusting_a_table_fitted_to_noise():
+    """When the post-draft scores carry no information, a pooled table solved on the same
+    prompts still finds "patterns" in them (escalating in bins where the next stage happened
+    to do well), so in-sample groups seem to gain from following it. Judged on prompts each
+    table was not solved on (``crossfit``), more groups answer with their entry stage. Either
+    way the policy replays to its expected value, and crossfit=0 is the in-sample choice."""
+    finals = {0: 0, 5: 0}
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        n, L, lam = 600, 3, 3.0
+        Y = (rng.random((n, L)) < [0.05, 0.45, 0.75]).astype(float)
+        C = np.tile([0.1, 0.35, 1.0], (n, 1))
+        P = rng.random((n, L))  # uninformative
+        groups = rng.choice([f"g{i}" for i in range(12)], n)
+        kw = {"groups": groups, "shared_decisions": True, "final_entry": True, "n_bins": 4}
+        plain = fit_policy(P, Y, C, lam, **kw)
+        for parts in finals:
+            pol = fit_policy(P, Y, C, lam, crossfit=parts, **kw)
+            finals[parts] += len(pol.final_groups)
+            if parts == 0:
+                assert pol.final_groups == plain.final_groups
+            ev = evaluate(pol, P, Y, C, groups)
+            assert np.mean(ev["cost"] + lam * (1 - ev["correct"])) == pytest.approx(
+                pol.expected_value)
+            # in-sample, the in-sample choice is optimal among these options
+            assert plain.expected_value <= pol.expected_value + 1e-12
+    assert finals[5] > finals[0]

@@ -65,6 +65,8 @@ class RouterRecipe:
     route-only rule picks at the policy's λ; ``routing.CellRule``)."""
     final_entry: bool = False
     """A cell may answer with its entry stage and never escalate (pooled decisions only)."""
+    crossfit: int = 0
+    """With final_entry: parts for judging the pooled table out of sample (0 = in-sample)."""
     per_cell_decisions: bool = False
     """Post-draft decisions per cell too (else one pooled table; cells hold few prompts)."""
     folds: int = 5
@@ -153,7 +155,7 @@ def fit_routing(rr: RouterRecipe, table: PromptTable, cal: np.ndarray, P_cal: np
     held = table.subset(cal)
     embed_cost = flops[cal] / held.flops[:, -1].mean()
     cfg = RoutingConfig(cell_stages, rr.bins, n_bins, rr.per_cell_decisions, rr.cells,
-                        rr.final_entry)
+                        rr.final_entry, rr.crossfit)
     routed = fit_routed_policy(
         rr.method, P_cal, held.correct, held.cost, R_oof[cal], cfg, lam=lam,
         budget=None if budget is None else budget - float(embed_cost.mean()), mix=mix)

@@ -79,6 +79,8 @@ class CascadeReplayEval(EvaluationModule):
             ``route`` (a cell is the stage the route-only rule picks at the policy's λ).
         final_entry: a cell may answer with its entry stage and never escalate, so
             cascade-routing's policies include route-only's on the same cells.
+        crossfit: with final_entry, judge a cell's "follow the pooled post-draft table" on
+            calibration prompts that table was not solved on (this many parts); 0 = in-sample.
         peers: the learned methods compared at every budget, beside the run's own.
         leave_family_out: cross-validate by task family instead of by prompt: each family's
             prompts are decided by a predictor, router and policy fitted on the other families
@@ -95,7 +97,7 @@ class CascadeReplayEval(EvaluationModule):
                  random_seeds: int = 3, router: str = "logistic",
                  router_model: str = "smollm2-135m-instruct",
                  router_stages: list[int] | None = None, router_bins: int = 2,
-                 router_cells: str = "quantile", final_entry: bool = False,
+                 router_cells: str = "quantile", final_entry: bool = False, crossfit: int = 0,
                  peers: list[str] | None = None, leave_family_out: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -235,7 +237,7 @@ class CascadeReplayEval(EvaluationModule):
             hp.seed) for k in sorted(kinds)}
         cfg = route_replay.RoutingConfig(tuple(hp.router_stages or (0, 1, 2)), hp.router_bins,
                                          hp.n_bins, cells=hp.router_cells,
-                                         final_entry=hp.final_entry)
+                                         final_entry=hp.final_entry, crossfit=hp.crossfit)
         self.routing_cfg = cfg
         for m in routed:
             rs, cv = self._router_of(m), self._cv_of(m)
@@ -262,7 +264,7 @@ class CascadeReplayEval(EvaluationModule):
             "router": hp.router, "router_model": meta.get("slug", hp.router_model),
             "router_sha256": meta.get("sha256"), "cells": {
                 "rule": cfg.cells, "stages": list(cfg.stages), "bins": cfg.bins,
-                "final_entry": cfg.final_entry},
+                "final_entry": cfg.final_entry, "crossfit": cfg.crossfit},
             "embed_relative_cost": float(embed_cost.mean()),
             "router_auroc": {k: [float(roc_auc_score(t.correct[:, s], rs.R_test[:, s]))
                                  if 0 < t.correct[:, s].mean() < 1 else None

@@ -89,6 +89,9 @@ class RoutingConfig:
     """With pooled post-draft decisions, a cell may also answer with its entry stage and never
     escalate (``fit_policy(final_entry=True)``): the route-only policy on the same cells is
     then one of the policies the solver chooses from."""
+    crossfit: int = 0
+    """With ``final_entry``: judge following the pooled table on prompts it was not solved on
+    (``fit_policy(crossfit=...)``, parts); 0 = in-sample."""
 
 
 def policy_kwargs(method: str, cfg: RoutingConfig) -> dict[str, bool]:
@@ -98,7 +101,8 @@ def policy_kwargs(method: str, cfg: RoutingConfig) -> dict[str, bool]:
     escalate = method == "cascade-routing"
     shared = escalate and not cfg.per_cell_decisions
     return {"escalate": escalate, "shared_decisions": shared,
-            "final_entry": shared and cfg.final_entry}
+            "final_entry": shared and cfg.final_entry,
+            "crossfit": cfg.crossfit if shared and cfg.final_entry else 0}
 
 
 @dataclass

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,7 +197,8 @@ def _adjusted_acc(y: np.ndarray, prior: tuple[float, float] | None) -> float:
 def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: int = 3,
                groups: np.ndarray | None = None, risk_prior: tuple[float, float] | None = None,
                allow_skip: bool = True, escalate: bool = True,
-               shared_decisions: bool = False, final_entry: bool = False) -> StoppingPolicy:
+               shared_decisions: bool = False, final_entry: bool = False,
+               crossfit: int = 0) -> StoppingPolicy:
     """Solve the stopping policy on calibration prompts.
 
     Args:
@@ -217,6 +219,11 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
         final_entry: with ``shared_decisions``, a group may also answer with its entry stage
             and never escalate (the pooled table's post-draft decisions may not suit it); so
             the policy class contains the route-only policy on the same groups.
+        crossfit: with ``final_entry``, judge "follow the pooled table" by its value on
+            prompts the table was not solved on (``crossfit`` parts, each scored by a table
+            solved on the others; a history that table never saw stops). In-sample, a table
+            fitted to the same prompts always looks better than answering at once, so the
+            choice escalates too often; 0 or 1 = in-sample.
     """
     if lam <= 0 or not np.isfinite(lam):
         raise ValueError(f"lambda must be a positive number, got {lam}")
@@ -282,14 +289,20 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
         entry[""], _ = best_entry(pooled, slice(None))
         # Answering with the entry stage, whatever its draft looks like (route only).
         at_once = {s: C[:, s] + lam * (1.0 - Y[:, s]) for s in pooled}
+        judged = pooled
+        if final_entry and escalate and crossfit > 1:
+            judged = _crossfit_values(solve, bins, Y, C, lam, list(pooled), crossfit,
+                                      fallback_stats)
         for g in np.unique(groups):
-            entry[str(g)], value = best_entry(pooled, groups == g)
+            m = groups == g
+            entry[str(g)], value = best_entry(judged, m)
             if final_entry and escalate:
-                s, v = best_entry(at_once, groups == g)
+                s, v = best_entry(at_once, m)
                 if v < value:
                     entry[str(g)], value = s, v
                     final.append(str(g))
-            total += value
+            # the value the policy realises on these prompts (in-sample, as everywhere)
+            total += float((at_once if str(g) in final else pooled)[entry[str(g)]][m].sum())
     else:
         for g in np.unique(groups):
             decisions[str(g)] = {}
@@ -313,6 +326,34 @@ def fit_policy(P: np.ndarray, Y: np.ndarray, C: np.ndarray, lam: float, n_bins: 
         stage_fallback.setdefault(k, Decision("go", k + 1, float("nan"), float("nan"), 0))
     return StoppingPolicy(lam, edges, entry, decisions, stage_fallback, risk_prior, total / N,
                           escalate=escalate, final_groups=tuple(final))
+
+
+def _crossfit_values(solve: Callable[..., dict[int, np.ndarray]], bins: np.ndarray,
+                     Y: np.ndarray, C: np.ndarray, lam: float, starts: list[int], parts: int,
+                     fallback_stats: dict[int, list[Any]]) -> dict[int, np.ndarray]:
+    """Per entry stage, each prompt's realised value under a pooled table solved without it
+    (``parts`` interleaved parts); a history the table never saw stops there."""
+    N, L = Y.shape
+    part = np.arange(N) % parts
+    out = {s: np.empty(N) for s in starts}
+    saved = {k: list(v) for k, v in fallback_stats.items()}
+    for f in range(parts):
+        table: dict[History, Decision] = {}
+        solve(np.flatnonzero(part != f), table)
+        for i in np.flatnonzero(part == f):
+            for s in starts:
+                k, hist, value = s, (), C[i, s]
+                while True:
+                    hist = (*hist, (k, int(bins[i, k])))
+                    d = table.get(hist) if k < L - 1 else None
+                    if d is None or d.action == "stop":
+                        out[s][i] = value + lam * (1.0 - Y[i, k])
+                        break
+                    k = d.next_stage
+                    value += C[i, k]
+    fallback_stats.clear()  # the parts' tables are not the policy's: keep its own statistics
+    fallback_stats.update(saved)
+    return out
 
 
 def evaluate(policy: AnyPolicy, P: np.ndarray, Y: np.ndarray, C: np.ndarray,

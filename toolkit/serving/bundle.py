@@ -87,7 +87,8 @@ class Bundle:
                 cells = CellRule.from_dict(spec).labels(np.asarray(cal["R"]))
             routed = {"groups": cells, "escalate": bool(fit["escalate"]),
                       "shared_decisions": bool(fit["shared_decisions"]),
-                      "final_entry": bool(fit.get("final_entry", False))}
+                      "final_entry": bool(fit.get("final_entry", False)),
+                      "crossfit": int(fit.get("crossfit", 0))}
         return fit_policy(np.asarray(cal["P"]), np.asarray(cal["Y"]), np.asarray(cal["C"]),
                           lam, n_bins=int(fit["n_bins"]),
                           allow_skip=bool(fit.get("allow_skip", True)), **routed)
