@@ -114,8 +114,8 @@ class CascadeReplayEval(EvaluationModule):
             raise CascadeInputError(f"lam must be > 0, got {hp.lam}")
         if self.budgets and min(self.budgets) <= 0:
             raise CascadeInputError(f"budgets must be > 0, got {self.budgets}")
-        if hp.router_cells not in ("quantile", "route"):
-            raise CascadeInputError(f"router_cells must be 'quantile' or 'route', got "
+        if hp.router_cells not in routing.CELL_RULES:
+            raise CascadeInputError(f"router_cells must be one of {routing.CELL_RULES}, got "
                                     f"{hp.router_cells!r}")
         if hp.router not in ("predictor", *routing.ROUTERS):
             raise CascadeInputError(f"unknown router {hp.router!r}; choose from "
