@@ -60,10 +60,10 @@ class RouterRecipe:
     """Stages whose predicted correctness defines a cell; None = every stage."""
     bins: int = 2
     """Quantile bins of each of those predictions."""
-    cells: str = "quantile"
+    cells: str = "route"
     """quantile (bins of ``stages``' predictions) or route (a cell is the stage the
     route-only rule picks at the policy's λ; ``routing.CellRule``)."""
-    final_entry: bool = False
+    final_entry: bool = True
     """A cell may answer with its entry stage and never escalate (pooled decisions only)."""
     crossfit: int = 0
     """With final_entry: parts for judging the pooled table out of sample (0 = in-sample)."""

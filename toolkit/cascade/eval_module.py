@@ -97,7 +97,7 @@ class CascadeReplayEval(EvaluationModule):
                  random_seeds: int = 3, router: str = "logistic",
                  router_model: str = "smollm2-135m-instruct",
                  router_stages: list[int] | None = None, router_bins: int = 2,
-                 router_cells: str = "quantile", final_entry: bool = False, crossfit: int = 0,
+                 router_cells: str = "route", final_entry: bool = True, crossfit: int = 0,
                  peers: list[str] | None = None, leave_family_out: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()

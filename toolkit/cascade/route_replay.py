@@ -81,11 +81,11 @@ class RoutingConfig:
     per_cell_decisions: bool = False
     """Solve the post-draft decisions per cell too (exact per cell, but cells hold few
     calibration prompts); False: one pooled post-draft table, the entry stage per cell."""
-    cells: str = "quantile"
+    cells: str = "route"
     """``quantile``: cells are the quantile bins of ``stages``' R (``bins`` each);
     ``route``: a cell is the stage the route-only rule picks (``routing.route_cells``) at the
     policy's λ, or under a budget at the largest λ whose routed calibration cost meets it."""
-    final_entry: bool = False
+    final_entry: bool = True
     """With pooled post-draft decisions, a cell may also answer with its entry stage and never
     escalate (``fit_policy(final_entry=True)``): the route-only policy on the same cells is
     then one of the policies the solver chooses from."""
