@@ -108,7 +108,8 @@ def test_one_router_cell_is_todays_cascade_and_the_router_is_charged():
     t, cv, X = _table_and_cv()
     embed_cost = np.full(len(t.ids), 0.01)
     rs = route_replay.router_scores(cv, X, t.correct, embed_cost, "logistic")
-    one_cell = route_replay.RoutingConfig(stages=(1,), bins=1)
+    one_cell = route_replay.RoutingConfig(stages=(1,), bins=1, cells="quantile",
+                                          final_entry=False)
     for lam in (0.5, 3.0):
         stage, ran = route_replay.routed("cascade-routing", t, cv, rs, lam, one_cell)
         plain = replay.cross_validated(t, cv, lam, groups=False)

@@ -30,7 +30,9 @@ from tests.serving.test_serve import (
     write_config,
 )
 
-ROUTING = {"method": "cascade-routing", "router": "logistic", "bins": 2, "folds": 4}
+# Quantile cells here (the first layout); the "route-cells" case below builds the default.
+ROUTING = {"method": "cascade-routing", "router": "logistic", "bins": 2, "folds": 4,
+           "cells": "quantile", "final_entry": False}
 
 
 @pytest.fixture(scope="module")
